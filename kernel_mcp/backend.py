@@ -1,0 +1,102 @@
+"""The small interface between the session layer and a kernel implementation.
+
+The local jupyter_client backend (`kernel_mcp.local_kernel`) is the first
+implementation; a remote one (Jupyter Server, Kernel or Enterprise Gateway over
+REST and WebSocket) implements the same two classes and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+Message = dict[str, Any]
+
+
+class ExecutionListener(Protocol):
+    """Receives the messages of one request, routed by its msg_id."""
+
+    def on_iopub(self, msg: Message) -> None: ...
+
+    def on_reply(self, msg: Message) -> None: ...
+
+    def on_kernel_lost(self, reason: str) -> None:
+        """The kernel died or was restarted: no reply will come."""
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """What a person needs to find and attach to a kernel."""
+
+    kernel_id: str
+    pid: int | None
+    connection_file: str | None
+    language_info: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0
+
+    @property
+    def console_command(self) -> str | None:
+        if not self.connection_file:
+            return None
+        return f"jupyter console --existing {self.connection_file}"
+
+
+class KernelConnection(abc.ABC):
+    """One running kernel: send requests, route replies, manage its life."""
+
+    kernel_id: str
+    exit_code: int | None = None
+    """How the last kernel process ended (negative: killed by that signal)."""
+    generation: int
+    """Incremented on every restart; listeners of an older generation are lost."""
+
+    on_orphan: Callable[[Message], None] | None = None
+    """Called with output messages whose request is no longer being listened to."""
+
+    @abc.abstractmethod
+    def execute(self, code: str, listener: ExecutionListener, *, silent: bool = False) -> str:
+        """Send an execute request (stdin disabled); returns its msg_id."""
+
+    @abc.abstractmethod
+    def forget(self, msg_id: str) -> None:
+        """Stop routing messages of `msg_id` to its listener."""
+
+    @abc.abstractmethod
+    async def is_alive(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def interrupt(self) -> None: ...
+
+    @abc.abstractmethod
+    async def restart(self, cwd: Path) -> None:
+        """Replace the kernel process (state is lost) and wait until it is ready."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop the kernel and every process it started."""
+
+    @abc.abstractmethod
+    def info(self) -> KernelInfo: ...
+
+    @abc.abstractmethod
+    def memory_rss(self) -> int | None:
+        """Resident memory of the kernel process in bytes, when known."""
+
+
+class KernelBackend(abc.ABC):
+    """Starts kernels."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Prepare the backend (folders, stale files)."""
+
+    @abc.abstractmethod
+    async def start_kernel(self, cwd: Path) -> KernelConnection:
+        """Start a kernel with `cwd` as working folder and wait until it is ready."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release what `start` prepared."""

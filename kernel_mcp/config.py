@@ -1,0 +1,90 @@
+"""Settings of kernel_mcp, read once from `KERNEL_MCP_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Environment variables a kernel may inherit: nothing that can carry a secret.
+DEFAULT_ENV_ALLOW = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_NUMERIC",
+    "LC_TIME",
+    "TZ",
+    "TERM",
+    "TMPDIR",
+)
+
+
+class Settings(BaseSettings):
+    """Configuration of the kernel layer and the MCP server."""
+
+    model_config = SettingsConfigDict(env_prefix="KERNEL_MCP_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8989, ge=0, le=65535)
+    token: SecretStr | None = Field(
+        default=None, description="Bearer token required on /mcp when set."
+    )
+
+    workspace: Path = Field(
+        default=_REPO_ROOT / "data" / "workspace",
+        description="Root of the per-session working folders (each kernel's cwd).",
+    )
+    runtime_dir: Path = Field(
+        default=_REPO_ROOT / "data" / "runtime",
+        description="Private (0700) folder for connection files and IPC sockets.",
+    )
+    skills_dir: Path = Field(default=_REPO_ROOT / "skills")
+
+    transport: str = Field(default="ipc", pattern="^(ipc|tcp)$")
+    pool_size: int = Field(default=2, ge=0, le=64)
+    max_kernels: int = Field(default=32, ge=1)
+    idle_timeout: float = Field(
+        default=3600.0, gt=0, description="Seconds of inactivity before a kernel is culled."
+    )
+    cull_interval: float = Field(default=30.0, gt=0)
+
+    execute_timeout: float = Field(default=60.0, gt=0, description="Default per-call deadline.")
+    max_execute_timeout: float = Field(default=3600.0, gt=0)
+    interrupt_grace: float = Field(
+        default=1.0, gt=0, description="Seconds to wait for an interrupt before restarting."
+    )
+    startup_timeout: float = Field(default=60.0, gt=0)
+    shutdown_timeout: float = Field(default=5.0, gt=0)
+    liveness_interval: float = Field(
+        default=0.25, gt=0, description="Process poll period when pidfd is unavailable."
+    )
+
+    output_cap_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Output bytes kept per execution (head and tail); the rest is counted.",
+    )
+    memory_limit_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=0,
+        description="Address-space limit per kernel (RLIMIT_AS); 0 disables it.",
+    )
+    kernel_env_allow: tuple[str, ...] = DEFAULT_ENV_ALLOW
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Settings:
+        self.workspace = self.workspace.expanduser().resolve()
+        self.runtime_dir = self.runtime_dir.expanduser().resolve()
+        self.skills_dir = self.skills_dir.expanduser().resolve()
+        if self.execute_timeout > self.max_execute_timeout:
+            raise ValueError("execute_timeout must not exceed max_execute_timeout")
+        return self

@@ -1,0 +1,225 @@
+"""Run one piece of code on a kernel, as nbclient does, with a timeout ladder.
+
+The shell reply, the IOPub idle status and the kernel's liveness are awaited
+together. Past the deadline the kernel is interrupted (state kept); if it does
+not answer within a grace period it is restarted (state lost). A kernel that
+dies is restarted and the result says so. Code is never re-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .backend import KernelConnection, Message
+from .outputs import Output, OutputCollector
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["ok", "error", "timeout_interrupted", "restarted_state_lost", "kernel_died"]
+
+# After the shell reply, how long to wait for IOPub to report idle (output still in flight).
+_IOPUB_GRACE = 2.0
+
+
+@dataclass
+class ExecutionResult:
+    """What an execution produced, in nbformat v4 terms."""
+
+    status: Status
+    execution_count: int | None
+    outputs: list[Output]
+    elapsed: float
+    truncated: bool = False
+    truncated_bytes: int = 0
+    kernel_restarted: bool = False
+    state_lost: bool = False
+    message: str | None = None
+    """One sentence on anything beyond the code's own outputs (timeout, restart, lost state)."""
+    background_outputs: list[Output] = field(default_factory=list)
+    """Output printed between calls by code still running in the background (threads)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Execution:
+    """Listener collecting one request's messages."""
+
+    def __init__(self, cap: int, on_output: Callable[[Message], None] | None) -> None:
+        self.collector = OutputCollector(cap)
+        self.reply: Message | None = None
+        self.idle = False
+        self.lost: str | None = None
+        self.done = asyncio.Event()
+        self.replied = asyncio.Event()
+        self._on_output = on_output
+
+    def on_iopub(self, msg: Message) -> None:
+        msg_type = msg["header"]["msg_type"]
+        if msg_type == "status":
+            if msg["content"]["execution_state"] == "idle":
+                self.idle = True
+                if self.reply is not None:
+                    self.done.set()
+            return
+        self.collector.add_message(msg)
+        if self._on_output is not None and msg_type != "execute_input":
+            try:
+                self._on_output(msg)
+            except Exception:
+                logger.exception("live output callback failed")
+
+    def on_reply(self, msg: Message) -> None:
+        self.reply = msg
+        self.replied.set()
+        if self.idle:
+            self.done.set()
+
+    def on_kernel_lost(self, reason: str) -> None:
+        self.lost = reason
+        self.replied.set()
+        self.done.set()
+
+
+def _death_sentence(exit_code: int | None) -> str:
+    if exit_code is not None and exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = f"signal {-exit_code}"
+        cause = {
+            "SIGKILL": " (killed: possibly out of memory)",
+            "SIGSEGV": " (segmentation fault)",
+        }.get(name, "")
+        return f"was killed by {name}{cause}"
+    if exit_code is not None:
+        return f"exited with code {exit_code}"
+    return "died"
+
+
+async def _wait_done(execution: _Execution, timeout: float) -> bool:
+    """Wait for reply+idle; True when finished (or lost) before `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        await asyncio.wait_for(execution.replied.wait(), timeout)
+    except TimeoutError:
+        return False
+    remaining = max(0.0, deadline - loop.time())
+    try:
+        await asyncio.wait_for(execution.done.wait(), min(_IOPUB_GRACE, remaining) or 0.01)
+    except TimeoutError:
+        if remaining <= _IOPUB_GRACE and execution.reply is not None and not execution.idle:
+            # The deadline fell while output was still arriving; the reply is in.
+            logger.warning("IOPub idle not seen after the reply; output may be incomplete")
+        return execution.reply is not None or execution.lost is not None
+    return True
+
+
+async def run_code(
+    kernel: KernelConnection,
+    code: str,
+    *,
+    timeout: float,
+    grace: float,
+    output_cap: int,
+    cwd: Path,
+    on_output: Callable[[Message], None] | None = None,
+) -> ExecutionResult:
+    """Execute `code`, apply the timeout ladder, and return what happened."""
+    started = time.perf_counter()
+    execution = _Execution(output_cap, on_output)
+    msg_id = kernel.execute(code, execution)
+    restarted = False
+    status: Status
+    message: str | None = None
+    try:
+        finished = await _wait_done(execution, timeout)
+        if not finished:
+            logger.info(
+                "kernel %s: %.3g s timeout reached; interrupting", kernel.kernel_id, timeout
+            )
+            await kernel.interrupt()
+            finished = await _wait_done(execution, grace)
+            if finished and execution.lost is None:
+                status = "timeout_interrupted"
+                message = (
+                    f"Execution exceeded the {timeout:g} s timeout and was interrupted; "
+                    "the kernel and the variables defined before are intact."
+                )
+            elif execution.lost is None:
+                logger.warning("kernel %s ignored the interrupt; restarting", kernel.kernel_id)
+                await kernel.restart(cwd)
+                restarted = True
+                status = "restarted_state_lost"
+                message = (
+                    f"Execution exceeded the {timeout:g} s timeout and did not stop when "
+                    "interrupted, so the kernel was restarted; variables defined earlier are "
+                    "gone. Re-run the cells needed to rebuild state, with less work per call."
+                )
+        if message is None and execution.lost is not None:
+            status, message, restarted = await _after_loss(kernel, execution.lost, cwd)
+        elif message is None:
+            reply_status = execution.reply["content"]["status"] if execution.reply else "ok"
+            status = "ok" if reply_status == "ok" else "error"
+            if reply_status == "aborted":
+                message = "Execution was aborted by the kernel because a previous request failed."
+    except asyncio.CancelledError:
+        await asyncio.shield(_settle_after_cancel(kernel, execution, grace, cwd))
+        raise
+    finally:
+        kernel.forget(msg_id)
+    collector = execution.collector
+    count = collector.execution_count
+    if execution.reply is not None:
+        count = execution.reply["content"].get("execution_count", count)
+    return ExecutionResult(
+        status=status,
+        execution_count=count,
+        outputs=collector.outputs(),
+        elapsed=time.perf_counter() - started,
+        truncated=collector.truncated,
+        truncated_bytes=collector.dropped_bytes,
+        kernel_restarted=restarted,
+        state_lost=restarted,
+        message=message,
+    )
+
+
+async def _after_loss(kernel: KernelConnection, reason: str, cwd: Path) -> tuple[Status, str, bool]:
+    if reason == "died":
+        how = _death_sentence(kernel.exit_code)
+        await kernel.restart(cwd)
+        return (
+            "kernel_died",
+            f"The kernel {how} while running this code and was restarted; variables defined "
+            "earlier are gone. Do not re-run the same code unchanged.",
+            True,
+        )
+    return (
+        "restarted_state_lost",
+        f"The kernel was {reason} while this code ran; variables defined earlier are gone.",
+        True,
+    )
+
+
+async def _settle_after_cancel(
+    kernel: KernelConnection, execution: _Execution, grace: float, cwd: Path
+) -> None:
+    """A cancelled caller: stop the code, so the next request finds an idle kernel."""
+    if execution.done.is_set():
+        return
+    with contextlib.suppress(Exception):
+        await kernel.interrupt()
+        if (
+            not await _wait_done(execution, grace) and execution.lost is None
+        ) or execution.lost == "died":
+            await kernel.restart(cwd)

@@ -1,0 +1,360 @@
+"""Local kernels through jupyter_client: the only module that imports it.
+
+Each kernel gets two reader tasks that drain IOPub and the shell channel
+continuously (ZeroMQ drops IOPub messages silently past its high-water mark when
+nobody reads) and route every message by its parent msg_id. Process death is
+seen at once through a pidfd (a short poll where pidfd is unavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+import sys
+import uuid
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+import psutil
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from .backend import ExecutionListener, KernelBackend, KernelConnection, KernelInfo, Message
+from .config import Settings
+from .errors import KernelStartError
+
+logger = logging.getLogger(__name__)
+
+_LAUNCHER = str(Path(__file__).with_name("_kernel_launcher.py"))
+_KERNEL_NAME = "kernel-agent-python"
+_OUTPUT_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
+_IPC_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "-<port>"
+
+
+class _SpecManager(KernelSpecManager):
+    """Serves our one in-memory kernel spec."""
+
+    spec: KernelSpec | None = None
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        assert self.spec is not None
+        return self.spec
+
+
+class _ReadyProbe:
+    """Listener for the kernel_info handshake: reply on shell plus idle on IOPub."""
+
+    def __init__(self) -> None:
+        self.reply: Message | None = None
+        self.idle = False
+        self.done = asyncio.Event()
+
+    def on_iopub(self, msg: Message) -> None:
+        if msg["header"]["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            self.idle = True
+            self._check()
+
+    def on_reply(self, msg: Message) -> None:
+        self.reply = msg
+        self._check()
+
+    def on_kernel_lost(self, reason: str) -> None:
+        self.done.set()
+
+    def _check(self) -> None:
+        if self.reply is not None and self.idle:
+            self.done.set()
+
+
+class LocalKernel(KernelConnection):
+    """A kernel process on this machine, driven through jupyter_client."""
+
+    def __init__(self, km: AsyncKernelManager, settings: Settings) -> None:
+        self._km = km
+        self._settings = settings
+        self._kc = km.client()
+        self.kernel_id: str = km.kernel_id or ""
+        self.generation = 0
+        self._listeners: dict[str, ExecutionListener] = {}
+        self._readers: list[asyncio.Task[None]] = []
+        self._watch_fd: int | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._dead = False
+        self._language_info: dict[str, Any] = {}
+        self.on_orphan = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def open(self, timeout: float) -> None:
+        """Connect the channels, start the readers and wait for the kernel."""
+        self._kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+        self._readers = [
+            asyncio.create_task(self._read(self._kc.iopub_channel, iopub=True)),
+            asyncio.create_task(self._read(self._kc.shell_channel, iopub=False)),
+        ]
+        self._watch_process()
+        await self._wait_ready(timeout)
+
+    async def _wait_ready(self, timeout: float) -> None:
+        # Repeat kernel_info until both its reply and its IOPub idle status arrive:
+        # then IOPub is connected and no output of the next request can be missed.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self._dead:
+                raise KernelStartError(f"kernel {self.kernel_id} exited during start-up")
+            probe = _ReadyProbe()
+            msg_id = self._kc.kernel_info()
+            self._listeners[msg_id] = probe
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(probe.done.wait(), 0.25)
+            finally:
+                self._listeners.pop(msg_id, None)
+            if probe.reply is not None and probe.idle:
+                self._language_info = probe.reply["content"].get("language_info", {})
+                return
+        raise KernelStartError(f"kernel {self.kernel_id} did not become ready in {timeout:.0f} s")
+
+    async def restart(self, cwd: Path) -> None:
+        self._lose_all("restarted")
+        self.generation += 1
+        self._unwatch_process()
+        children = self._children()
+        await self._km.restart_kernel(now=True, newports=False, cwd=str(cwd))
+        _kill_all(children)
+        self._dead = False
+        self.exit_code = None
+        self._watch_process()
+        await self._wait_ready(self._settings.startup_timeout)
+        logger.info("kernel %s restarted (generation %d)", self.kernel_id, self.generation)
+
+    async def shutdown(self) -> None:
+        self._lose_all("shut down")
+        self._unwatch_process()
+        children = self._children()
+        pgid = getattr(self._km.provisioner, "pgid", None)
+        for task in self._readers:
+            task.cancel()
+        try:
+            async with asyncio.timeout(self._settings.shutdown_timeout):
+                await self._km.shutdown_kernel(now=True)
+        except Exception:
+            logger.exception("kernel %s: shutdown failed; killing its processes", self.kernel_id)
+        if pgid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        _kill_all(children)
+        self._kc.stop_channels()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        with contextlib.suppress(OSError):
+            os.unlink(self._km.connection_file)
+        logger.info("kernel %s shut down", self.kernel_id)
+
+    # -- requests -------------------------------------------------------------
+
+    def execute(self, code: str, listener: ExecutionListener, *, silent: bool = False) -> str:
+        msg_id = self._kc.execute(
+            code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=True
+        )
+        self._listeners[msg_id] = listener
+        return msg_id
+
+    def forget(self, msg_id: str) -> None:
+        self._listeners.pop(msg_id, None)
+
+    async def is_alive(self) -> bool:
+        return not self._dead and bool(await self._km.is_alive())
+
+    async def interrupt(self) -> None:
+        await self._km.interrupt_kernel()
+
+    def info(self) -> KernelInfo:
+        return KernelInfo(
+            kernel_id=self.kernel_id,
+            pid=self._pid(),
+            connection_file=self._km.connection_file,
+            language_info=self._language_info,
+            generation=self.generation,
+        )
+
+    def memory_rss(self) -> int | None:
+        pid = self._pid()
+        if pid is None:
+            return None
+        try:
+            return int(psutil.Process(pid).memory_info().rss)
+        except psutil.Error:
+            return None
+
+    # -- internals ------------------------------------------------------------
+
+    async def _read(self, channel: Any, *, iopub: bool) -> None:
+        while True:
+            try:
+                msg = await channel.get_msg()
+            except Empty:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if channel.socket is None:  # channels stopped
+                    return
+                logger.exception("kernel %s: unreadable message dropped", self.kernel_id)
+                continue
+            parent_id = msg.get("parent_header", {}).get("msg_id")
+            listener = self._listeners.get(parent_id) if parent_id else None
+            if listener is None:
+                if iopub and self.on_orphan and msg["header"]["msg_type"] in _OUTPUT_TYPES:
+                    self.on_orphan(msg)
+                continue
+            if iopub:
+                listener.on_iopub(msg)
+            else:
+                listener.on_reply(msg)
+
+    def _lose_all(self, reason: str) -> None:
+        listeners, self._listeners = self._listeners, {}
+        for listener in listeners.values():
+            listener.on_kernel_lost(reason)
+
+    def _pid(self) -> int | None:
+        pid = getattr(self._km.provisioner, "pid", None)
+        return int(pid) if pid else None
+
+    def _children(self) -> list[psutil.Process]:
+        pid = self._pid()
+        if pid is None:
+            return []
+        try:
+            return list(psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            return []
+
+    def _watch_process(self) -> None:
+        pid = self._pid()
+        if pid is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            self._watch_fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._watch_task = asyncio.create_task(self._poll_process())
+            return
+        loop.add_reader(self._watch_fd, self._on_exit)
+
+    def _unwatch_process(self) -> None:
+        if self._watch_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._watch_fd)
+            os.close(self._watch_fd)
+            self._watch_fd = None
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
+
+    async def _poll_process(self) -> None:
+        while await self._km.is_alive():  # noqa: ASYNC110 - polling a process, no event exists
+            await asyncio.sleep(self._settings.liveness_interval)
+        self._on_exit()
+
+    def _on_exit(self) -> None:
+        self._unwatch_process()
+        self._dead = True
+        process = getattr(self._km.provisioner, "process", None)
+        code = process.poll() if process is not None else None
+        self.exit_code = code
+        logger.warning("kernel %s died (exit code %s)", self.kernel_id, code)
+        self._lose_all("died")
+
+
+def _kill_all(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+class LocalBackend(KernelBackend):
+    """Starts ipykernels as child processes of this server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._spec_manager = _SpecManager()
+        self._spec_manager.spec = KernelSpec(
+            argv=[
+                sys.executable,
+                _LAUNCHER,
+                str(settings.memory_limit_bytes),
+                "-f",
+                "{connection_file}",
+                # Output caching off, so large results are not pinned by Out/_ .
+                "--InteractiveShell.cache_size=0",
+                # No history database: concurrent kernels would contend on its lock.
+                "--HistoryManager.enabled=False",
+            ],
+            display_name="Python 3 (kernel-agent)",
+            language="python",
+            interrupt_mode="signal",
+        )
+
+    async def start(self) -> None:
+        runtime = self._settings.runtime_dir
+        runtime.mkdir(parents=True, exist_ok=True)
+        runtime.chmod(stat.S_IRWXU)
+        stale = [p for p in runtime.iterdir() if p.name.startswith(("kernel-", "k-"))]
+        for path in stale:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if stale:
+            logger.info("removed %d stale connection files from %s", len(stale), runtime)
+        (runtime / "ipython").mkdir(exist_ok=True)
+
+    async def close(self) -> None:
+        return None
+
+    def kernel_env(self) -> dict[str, str]:
+        """The scrubbed environment every kernel starts with."""
+        env = {k: v for k, v in os.environ.items() if k in self._settings.kernel_env_allow}
+        env["PYTHONPATH"] = str(self._settings.skills_dir)
+        env["KERNEL_AGENT_SKILLS_DIR"] = str(self._settings.skills_dir)
+        env["IPYTHONDIR"] = str(self._settings.runtime_dir / "ipython")
+        env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    async def start_kernel(self, cwd: Path) -> LocalKernel:
+        kernel_id = str(uuid.uuid4())
+        runtime = self._settings.runtime_dir
+        km = AsyncKernelManager(
+            kernel_name=_KERNEL_NAME,
+            kernel_spec_manager=self._spec_manager,
+            connection_file=str(runtime / f"kernel-{kernel_id}.json"),
+        )
+        ipc_prefix = runtime / f"k-{kernel_id[:8]}"
+        if self._settings.transport == "ipc" and len(str(ipc_prefix)) < _IPC_PATH_MAX:
+            km.transport = "ipc"
+            km.ip = str(ipc_prefix)
+        else:
+            km.transport = "tcp"
+            km.ip = "127.0.0.1"
+        try:
+            await km.start_kernel(kernel_id=kernel_id, cwd=str(cwd), env=self.kernel_env())
+        except BaseException as exc:
+            # Cancelled or failed half-way: never leave a process behind.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(km.shutdown_kernel(now=True))
+            if isinstance(exc, Exception):
+                raise KernelStartError(f"could not start a kernel: {exc}") from exc
+            raise
+        kernel = LocalKernel(km, self._settings)
+        try:
+            await kernel.open(self._settings.startup_timeout)
+        except BaseException:
+            await kernel.shutdown()
+            raise
+        logger.info("kernel %s started (pid %s) in %s", kernel_id, kernel.info().pid, cwd)
+        return kernel

@@ -1,0 +1,113 @@
+"""Live-kernel fixtures: every kernel a test starts is recorded and always shut down."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from kernel_mcp.config import Settings
+from kernel_mcp.local_kernel import LocalBackend, LocalKernel
+from kernel_mcp.sessions import SessionManager
+
+
+class RecordingBackend(LocalBackend):
+    """The real local backend, remembering the pid of every kernel it starts."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.kernels: list[LocalKernel] = []
+        self.pids: set[int] = set()
+
+    async def start_kernel(self, cwd: Path) -> LocalKernel:
+        kernel = await super().start_kernel(cwd)
+        self.kernels.append(kernel)
+        self._remember(kernel)
+        return kernel
+
+    def _remember(self, kernel: LocalKernel) -> None:
+        pid = kernel.info().pid
+        if pid:
+            self.pids.add(pid)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temporary folder: IPC socket paths must stay under ~100 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="ka-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_settings(short_tmp: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "workspace": short_tmp / "ws",
+            "runtime_dir": short_tmp / "rt",
+            "pool_size": 0,
+            "interrupt_grace": 1.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+async def start_manager(
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: start a SessionManager on real kernels; all are shut down after the test."""
+    started: list[tuple[SessionManager, RecordingBackend]] = []
+
+    async def start(**overrides: Any) -> SessionManager:
+        settings = make_settings(**overrides)
+        backend = RecordingBackend(settings)
+        manager = SessionManager(settings, backend)
+        await manager.start()
+        started.append((manager, backend))
+        return manager
+
+    yield start
+    for manager, backend in started:
+        for kernel in backend.kernels:  # restarts change pids: record the current ones too
+            backend._remember(kernel)
+        await manager.close()
+    leftovers = []
+    deadline = time.monotonic() + 5
+    for _, backend in started:
+        for pid in backend.pids:
+            while psutil.pid_exists(pid) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                leftovers.append(pid)
+    assert not leftovers, f"kernels left running after the test: {leftovers}"
+
+
+@pytest.fixture
+async def manager(start_manager: Callable[..., Any]) -> SessionManager:
+    """A manager with no pool and default limits."""
+    result: SessionManager = await start_manager()
+    return result
+
+
+def text_of(outputs: list[dict[str, Any]], name: str = "stdout") -> str:
+    """All stream text of one stream in `outputs`."""
+    return "".join(o["text"] for o in outputs if o["output_type"] == "stream" and o["name"] == name)
+
+
+def plain_of(outputs: list[dict[str, Any]]) -> str | None:
+    """The text/plain of the execute_result, if any."""
+    for output in outputs:
+        if output["output_type"] == "execute_result":
+            value: str = output["data"]["text/plain"]
+            return value
+    return None

@@ -1,0 +1,225 @@
+"""Execution on live kernels: state, rich outputs, limits, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kernel_mcp.errors import CapacityError, InvalidSessionId
+from kernel_mcp.sessions import SessionManager
+
+from .conftest import plain_of, text_of
+
+pytestmark = pytest.mark.kernel
+
+
+async def test_state_persists_across_executions(manager: SessionManager) -> None:
+    first = await manager.execute("s1", "x = 41")
+    second = await manager.execute("s1", "x + 1")
+    assert first.status == "ok"
+    assert second.status == "ok"
+    assert plain_of(second.outputs) == "42"
+    assert second.execution_count == first.execution_count + 1
+
+
+async def test_user_exception_is_an_error_result(manager: SessionManager) -> None:
+    result = await manager.execute("s1", "1 / 0")
+    assert result.status == "error"
+    error = result.outputs[-1]
+    assert error["output_type"] == "error"
+    assert error["ename"] == "ZeroDivisionError"
+    assert any("ZeroDivisionError" in line for line in error["traceback"])
+    assert (await manager.execute("s1", "print('still here')")).status == "ok"
+
+
+async def test_streams_are_merged_per_name(manager: SessionManager) -> None:
+    code = "import sys\nfor i in range(3): print(i)\nsys.stderr.write('warn\\n')\nprint('end')"
+    result = await manager.execute("s1", code)
+    # ipykernel flushes each stream on its own schedule: order within a stream is kept.
+    assert text_of(result.outputs) == "0\n1\n2\nend\n"
+    assert text_of(result.outputs, "stderr") == "warn\n"
+
+
+async def test_matplotlib_figure_arrives_as_png(manager: SessionManager) -> None:
+    code = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()"
+    result = await manager.execute("s1", code, timeout=60)
+    assert result.status == "ok", result.outputs
+    images = [o for o in result.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1
+    assert images[0]["output_type"] == "display_data"
+    import base64
+
+    assert base64.b64decode(images[0]["data"]["image/png"]).startswith(b"\x89PNG")
+
+
+async def test_dataframe_arrives_as_html(manager: SessionManager) -> None:
+    code = "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})"
+    result = await manager.execute("s1", code, timeout=60)
+    assert result.status == "ok", result.outputs
+    data = result.outputs[-1]["data"]
+    assert "<table" in data["text/html"]
+    assert "text/plain" in data
+
+
+async def test_display_update_and_clear_output(manager: SessionManager) -> None:
+    code = (
+        "from IPython.display import display, clear_output\n"
+        "h = display('first', display_id=True)\n"
+        "h.update('second')\n"
+        "print('gone'); clear_output(); print('kept')"
+    )
+    result = await manager.execute("s1", code)
+    assert text_of(result.outputs) == "kept\n"
+    code = "h = display('a', display_id=True)\nh.update('b')"
+    result = await manager.execute("s1", code)
+    assert result.outputs[0]["data"]["text/plain"] == "'b'"
+
+
+async def test_huge_print_is_truncated_with_head_tail_and_marker(manager: SessionManager) -> None:
+    code = "print('<head>' + 'y' * 50_000_000 + '<tail>')"
+    result = await manager.execute("s1", code, timeout=120)
+    assert result.status == "ok"
+    assert result.truncated
+    text = "".join(o["text"] for o in result.outputs)
+    cap = manager.settings.output_cap_bytes
+    assert len(text) < cap + 200
+    assert text.startswith("<head>")
+    assert text.rstrip().endswith("<tail>")
+    assert f"{result.truncated_bytes:,} bytes truncated" in text
+    assert result.truncated_bytes + len(text) - len(text.split("[...")[1].split("...]")[0]) > 0
+    assert result.truncated_bytes > 40_000_000
+
+
+async def test_twenty_thousand_displays_are_all_accounted_for(manager: SessionManager) -> None:
+    code = "from IPython.display import display\nfor i in range(20_000): display(i)"
+    result = await manager.execute("s1", code, timeout=120)
+    assert result.status == "ok"
+    shown = [o for o in result.outputs if o["output_type"] == "display_data"]
+    if result.truncated:
+        marker = next(o for o in result.outputs if "outputs omitted" in o.get("text", ""))
+        omitted = int(
+            marker["text"].split("bytes truncated; ")[1].split(" outputs")[0].replace(",", "")
+        )
+    else:
+        omitted = 0
+    assert len(shown) + omitted == 20_000
+    values = [int(o["data"]["text/plain"]) for o in shown]
+    assert values == sorted(values)
+    assert values[0] == 0
+    assert values[-1] == 19_999
+
+
+async def test_truncated_displays_are_counted_in_the_marker(
+    start_manager,
+) -> None:
+    manager = await start_manager(output_cap_bytes=4096)
+    code = "from IPython.display import display\nfor i in range(5_000): display(i)"
+    result = await manager.execute("s1", code, timeout=120)
+    assert result.truncated
+    shown = [o for o in result.outputs if o["output_type"] == "display_data"]
+    marker = next(o for o in result.outputs if "outputs omitted" in o.get("text", ""))
+    omitted = int(
+        marker["text"].split("bytes truncated; ")[1].split(" outputs")[0].replace(",", "")
+    )
+    assert len(shown) + omitted == 5_000
+    assert shown[-1]["data"]["text/plain"] == "4999"
+
+
+async def test_input_fails_at_once(manager: SessionManager) -> None:
+    result = await manager.execute("s1", "input('name? ')", timeout=10)
+    assert result.status == "error"
+    assert result.outputs[-1]["ename"] == "StdinNotImplementedError"
+    assert result.elapsed < 5
+
+
+async def test_background_thread_output_is_reported_with_the_next_call(
+    manager: SessionManager,
+) -> None:
+    code = (
+        "import threading, time\n"
+        "def late():\n    time.sleep(0.3)\n    print('from the thread')\n"
+        "threading.Thread(target=late).start()\nprint('cell done')"
+    )
+    first = await manager.execute("s1", code)
+    assert text_of(first.outputs) == "cell done\n"
+    await asyncio.sleep(0.8)
+    second = await manager.execute("s1", "print('next')")
+    assert text_of(second.outputs) == "next\n"
+    assert text_of(second.background_outputs) == "from the thread\n"
+
+
+async def test_sessions_are_isolated(manager: SessionManager) -> None:
+    await manager.execute("alice", "secret = 'a'\nopen('mine.txt', 'w').write('a')")
+    result = await manager.execute(
+        "bob", "import os\nprint('secret' in globals(), os.listdir('.'))"
+    )
+    assert text_of(result.outputs) == "False []\n"
+    cwd_a = text_of((await manager.execute("alice", "import os; print(os.getcwd())")).outputs)
+    cwd_b = text_of((await manager.execute("bob", "import os; print(os.getcwd())")).outputs)
+    assert cwd_a.strip() == str(manager.settings.workspace / "alice")
+    assert cwd_b.strip() == str(manager.settings.workspace / "bob")
+    assert (manager.settings.workspace / "alice" / "mine.txt").read_text() == "a"
+
+
+async def test_kernel_environment_holds_no_secrets(
+    start_manager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-should-not-leak")
+    monkeypatch.setenv("KERNEL_MCP_TOKEN", "server-token")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
+    manager = await start_manager()
+    code = "import os\nprint(sorted(os.environ))\nprint(repr(dict(os.environ)))"
+    text = text_of((await manager.execute("s1", code)).outputs)
+    for secret in ("sk-live-should-not-leak", "server-token", "aws-secret", "OPENAI_API_KEY"):
+        assert secret not in text
+
+
+async def test_ten_sessions_start_concurrently(manager: SessionManager) -> None:
+    ids = [f"c{i}" for i in range(10)]
+    results = await asyncio.gather(
+        *(manager.execute(s, f"import os; print({i}, os.getpid())") for i, s in enumerate(ids))
+    )
+    assert all(r.status == "ok" for r in results)
+    printed = [text_of(r.outputs).split() for r in results]
+    assert [int(p[0]) for p in printed] == list(range(10))
+    assert len({p[1] for p in printed}) == 10, "each session has its own kernel process"
+    assert manager.stats()["kernels_running"] == 10
+
+
+async def test_concurrent_calls_on_one_session_queue_in_order(manager: SessionManager) -> None:
+    await manager.execute("s1", "log = []")
+    codes = [
+        f"import time; time.sleep(0.05); log.append({i}); print('call', {i})" for i in range(8)
+    ]
+    results = await asyncio.gather(*(manager.execute("s1", c) for c in codes))
+    for i, result in enumerate(results):
+        assert text_of(result.outputs) == f"call {i}\n"
+    final = await manager.execute("s1", "log")
+    assert plain_of(final.outputs) == str(list(range(8)))
+
+
+async def test_capacity_limit_is_a_clear_error(start_manager) -> None:
+    manager = await start_manager(max_kernels=1)
+    await manager.execute("one", "1")
+    with pytest.raises(CapacityError, match="KERNEL_MCP_MAX_KERNELS"):
+        await manager.execute("two", "1")
+
+
+async def test_invalid_session_ids_are_refused(manager: SessionManager) -> None:
+    for bad in ("../etc", "", ".hidden", "a/b", "x" * 200):
+        with pytest.raises(InvalidSessionId):
+            await manager.execute(bad, "1")
+
+
+async def test_list_variables_and_kernel_info(manager: SessionManager) -> None:
+    await manager.execute("s1", "import numpy as np\nn = 3\narr = np.zeros((2, 5))\n_private = 1")
+    rows = {r["name"]: r for r in await manager.list_variables("s1")}
+    assert set(rows) == {"n", "arr"}
+    assert rows["n"] == {"name": "n", "type": "int", "repr": "3"}
+    assert rows["arr"]["shape"] == [2, 5]
+    info = await manager.kernel_info("s1")
+    assert info.language_info["name"] == "python"
+    assert info.connection_file
+    assert info.connection_file.endswith(".json")
+    assert info.console_command == f"jupyter console --existing {info.connection_file}"
