@@ -1,0 +1,156 @@
+"""Faults on live kernels: timeouts, deaths, memory, and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from kernel_mcp.sessions import SessionManager
+
+from .conftest import plain_of, text_of
+
+pytestmark = pytest.mark.kernel
+
+
+async def test_busy_loop_timeout_interrupts_and_keeps_state(manager: SessionManager) -> None:
+    await manager.execute("s1", "kept = 'yes'")
+    started = time.monotonic()
+    result = await manager.execute("s1", "print('before', flush=True)\nwhile True: pass", timeout=2)
+    assert time.monotonic() - started < 3
+    assert result.status == "timeout_interrupted"
+    assert not result.kernel_restarted
+    assert "interrupted" in (result.message or "")
+    assert "before" in text_of(result.outputs), "output before the timeout is returned"
+    assert plain_of((await manager.execute("s1", "kept")).outputs) == "'yes'"
+
+
+async def test_sleep_is_interrupted(manager: SessionManager) -> None:
+    await manager.execute("s1", "kept = 1")
+    result = await manager.execute("s1", "import time; time.sleep(3600)", timeout=1)
+    assert result.status == "timeout_interrupted"
+    assert result.outputs[-1]["ename"] == "KeyboardInterrupt"
+    assert plain_of((await manager.execute("s1", "kept")).outputs) == "1"
+
+
+async def test_code_ignoring_sigint_is_restarted(manager: SessionManager) -> None:
+    await manager.execute("s1", "kept = 1")
+    started = time.monotonic()
+    result = await manager.execute("s1", "sum(range(10**12))", timeout=1)
+    elapsed = time.monotonic() - started
+    assert result.status == "restarted_state_lost"
+    assert result.kernel_restarted
+    assert result.state_lost
+    assert "restarted" in (result.message or "")
+    assert elapsed < 1 + manager.settings.interrupt_grace + 10
+    after = await manager.execute("s1", "kept")
+    assert after.status == "error"
+    assert after.outputs[-1]["ename"] == "NameError"
+
+
+async def test_os_exit_is_detected_and_kernel_restarted(manager: SessionManager) -> None:
+    await manager.execute("s1", "kept = 1")
+    started = time.monotonic()
+    result = await manager.execute("s1", "import os; os._exit(1)", timeout=30)
+    assert time.monotonic() - started < 5, "death is seen quickly, not at the deadline"
+    assert result.status == "kernel_died"
+    assert result.kernel_restarted
+    assert "exited with code 1" in (result.message or "")
+    assert "gone" in (result.message or "")
+    after = await manager.execute("s1", "print('alive')")
+    assert text_of(after.outputs) == "alive\n"
+    assert (await manager.execute("s1", "kept")).outputs[-1]["ename"] == "NameError"
+
+
+async def test_sigkill_from_outside_is_detected_within_two_seconds(
+    manager: SessionManager,
+) -> None:
+    info = await manager.kernel_info("s1")
+    assert info.pid
+    task = asyncio.create_task(manager.execute("s1", "import time; time.sleep(60)", timeout=30))
+    await asyncio.sleep(0.5)
+    killed_at = time.monotonic()
+    os.kill(info.pid, signal.SIGKILL)
+    result = await task
+    assert result.status == "kernel_died"
+    assert "SIGKILL" in (result.message or "")
+    # Detection, then a restart of ~0.5 s: both well inside 2 s of detection budget + start.
+    assert time.monotonic() - killed_at < 2 + manager.settings.startup_timeout
+    new_info = await manager.kernel_info("s1")
+    assert new_info.pid != info.pid
+    assert new_info.generation == info.generation + 1
+    assert (await manager.execute("s1", "1 + 1")).status == "ok"
+
+
+async def test_death_is_seen_within_two_seconds(manager: SessionManager) -> None:
+    info = await manager.kernel_info("s1")
+    seen: list[float] = []
+    original = manager.existing("s1").kernel
+    assert original is not None
+    task = asyncio.create_task(manager.execute("s1", "import time; time.sleep(60)", timeout=30))
+    await asyncio.sleep(0.3)
+    killed_at = time.monotonic()
+    os.kill(info.pid or 0, signal.SIGKILL)
+    while original.exit_code is None and time.monotonic() - killed_at < 5:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    seen.append(time.monotonic() - killed_at)
+    await task
+    assert seen[0] < 2
+
+
+async def test_segfault_is_reported(manager: SessionManager) -> None:
+    result = await manager.execute("s1", "import ctypes; ctypes.string_at(0)", timeout=30)
+    assert result.status == "kernel_died"
+    assert "SIGSEGV" in (result.message or "")
+    assert (await manager.execute("s1", "2 * 21")).status == "ok"
+
+
+async def test_memory_bomb_is_a_memory_error_in_a_surviving_kernel(start_manager) -> None:
+    manager: SessionManager = await start_manager(memory_limit_bytes=2 * 1024**3)
+    await manager.execute("s1", "kept = 'still here'")
+    big = await manager.execute("s1", "x = bytearray(8 * 1024**3)")
+    assert big.status == "error"
+    assert big.outputs[-1]["ename"] == "MemoryError"
+    growing = await manager.execute(
+        "s1", "chunks = []\nwhile True: chunks.append(bytearray(64 * 1024**2))", timeout=60
+    )
+    assert growing.status == "error"
+    assert growing.outputs[-1]["ename"] == "MemoryError"
+    assert plain_of((await manager.execute("s1", "del chunks; kept")).outputs) == "'still here'"
+
+
+async def test_interrupt_from_another_call(manager: SessionManager) -> None:
+    task = asyncio.create_task(manager.execute("s1", "import time; time.sleep(60)", timeout=30))
+    await asyncio.sleep(0.5)
+    assert await manager.interrupt("s1")
+    result = await task
+    assert result.status == "error"
+    assert result.outputs[-1]["ename"] == "KeyboardInterrupt"
+
+
+async def test_restart_on_request_loses_state(manager: SessionManager) -> None:
+    await manager.execute("s1", "kept = 1")
+    before = await manager.kernel_info("s1")
+    await manager.restart("s1")
+    after = await manager.kernel_info("s1")
+    assert after.kernel_id == before.kernel_id, "the connection file stays valid"
+    assert after.pid != before.pid
+    result = await manager.execute("s1", "import os; print(os.getcwd()); kept")
+    assert text_of(result.outputs).strip() == str(manager.settings.workspace / "s1")
+    assert result.outputs[-1]["ename"] == "NameError"
+
+
+async def test_cancelled_caller_interrupts_the_kernel(manager: SessionManager) -> None:
+    await manager.execute("s1", "kept = 1")
+    task = asyncio.create_task(manager.execute("s1", "import time; time.sleep(60)", timeout=30))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.monotonic()
+    result = await manager.execute("s1", "kept")
+    assert time.monotonic() - started < 2, "the kernel is idle again, not still sleeping"
+    assert plain_of(result.outputs) == "1"

@@ -1,0 +1,100 @@
+"""Kernel lifecycle: pool, culling, shutdown hygiene, stale files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import psutil
+import pytest
+
+from kernel_mcp.sessions import SessionManager
+
+from .conftest import plain_of, text_of
+
+pytestmark = pytest.mark.kernel
+
+
+async def _pool_ready(manager: SessionManager, count: int, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while manager.stats()["pool_ready"] < count:
+        assert time.monotonic() < deadline, "the pool did not fill"
+        await asyncio.sleep(0.05)
+
+
+async def test_pool_kernels_are_claimed_once_and_refilled(start_manager) -> None:
+    manager: SessionManager = await start_manager(pool_size=2)
+    await _pool_ready(manager, 2)
+    started = time.monotonic()
+    first = await manager.execute("a", "import os; print(os.getcwd())")
+    claim_time = time.monotonic() - started
+    assert text_of(first.outputs).strip() == str(manager.settings.workspace / "a")
+    assert claim_time < 0.5, "a pooled kernel answers without a cold start"
+    await manager.execute("b", "x = 'b'")
+    ids = {(await manager.kernel_info(s)).kernel_id for s in ("a", "b")}
+    assert len(ids) == 2
+    await _pool_ready(manager, 2)
+    assert manager.stats()["kernels_running"] == 2
+    result = await manager.execute("a", "'x' in globals()")
+    assert plain_of(result.outputs) == "False"
+
+
+async def test_idle_kernel_is_culled_and_the_next_call_is_told(start_manager) -> None:
+    manager: SessionManager = await start_manager(idle_timeout=0.6, cull_interval=0.1)
+    await manager.execute("s1", "kept = 1")
+    old = await manager.kernel_info("s1")
+    deadline = time.monotonic() + 10
+    while manager.existing("s1").kernel is not None:
+        assert time.monotonic() < deadline, "the idle kernel was not culled"
+        await asyncio.sleep(0.1)
+    assert old.pid is not None
+    assert not psutil.pid_exists(old.pid) or psutil.Process(old.pid).status() == "zombie"
+    result = await manager.execute("s1", "'kept' in globals()")
+    assert plain_of(result.outputs) == "False"
+    assert result.state_lost
+    assert "idle" in (result.message or "")
+    follow_up = await manager.execute("s1", "1")
+    assert not follow_up.state_lost
+
+
+async def test_busy_kernel_is_not_culled(start_manager) -> None:
+    manager: SessionManager = await start_manager(idle_timeout=0.3, cull_interval=0.1)
+    result = await manager.execute("s1", "import time; time.sleep(1.5); kept = 1", timeout=10)
+    assert result.status == "ok"
+    assert plain_of((await manager.execute("s1", "kept")).outputs) == "1"
+
+
+async def test_shutdown_kills_kernels_and_their_children(start_manager) -> None:
+    manager: SessionManager = await start_manager()
+    result = await manager.execute(
+        "s1", "import subprocess\np = subprocess.Popen(['sleep', '1000'])\nprint(p.pid)"
+    )
+    child = int(text_of(result.outputs))
+    kernel_pid = (await manager.kernel_info("s1")).pid
+    assert psutil.pid_exists(child)
+    await manager.close()
+    for pid in (child, kernel_pid):
+        assert pid is not None
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+async def test_close_session_shuts_its_kernel(manager: SessionManager) -> None:
+    pid = (await manager.kernel_info("s1")).pid
+    assert await manager.close_session("s1")
+    assert not await manager.close_session("s1")
+    assert pid is not None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+async def test_stale_connection_files_are_cleaned_at_start(start_manager, make_settings) -> None:
+    runtime = make_settings().runtime_dir
+    runtime.mkdir(parents=True)
+    stale = runtime / "kernel-0000-dead.json"
+    stale.write_text(json.dumps({"shell_port": 1}))
+    manager: SessionManager = await start_manager()
+    assert not stale.exists()
+    assert oct(runtime.stat().st_mode & 0o777) == "0o700"
+    info = await manager.kernel_info("s1")
+    assert info.connection_file
+    assert info.connection_file.startswith(str(runtime))
