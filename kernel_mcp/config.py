@@ -80,6 +80,21 @@ class Settings(BaseSettings):
     )
     kernel_env_allow: tuple[str, ...] = DEFAULT_ENV_ALLOW
 
+    model_text_chars: int = Field(
+        default=20_000, ge=500, description="Text of one result given to the model (head+tail)."
+    )
+    image_max_bytes: int = Field(
+        default=1_500_000, ge=10_000, description="Larger images are downscaled for the model."
+    )
+    file_read_bytes: int = Field(default=1_000_000, ge=1)
+    file_write_bytes: int = Field(default=10_000_000, ge=1)
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="Browser origins trusted besides loopback."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host headers accepted besides loopback."
+    )
+
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
         self.workspace = self.workspace.expanduser().resolve()

@@ -9,7 +9,6 @@ dies is restarted and the result says so. Code is never re-run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -133,12 +132,18 @@ async def run_code(
     output_cap: int,
     cwd: Path,
     on_output: Callable[[Message], None] | None = None,
+    on_cancel: Callable[[asyncio.Task[None]], None] | None = None,
 ) -> ExecutionResult:
-    """Execute `code`, apply the timeout ladder, and return what happened."""
+    """Execute `code`, apply the timeout ladder, and return what happened.
+
+    If the caller is cancelled, the code is interrupted (or the kernel restarted) by
+    a task handed to `on_cancel`, which the next request on this kernel must await.
+    """
     started = time.perf_counter()
     execution = _Execution(output_cap, on_output)
     msg_id = kernel.execute(code, execution)
     restarted = False
+    cancelled = False
     status: Status
     message: str | None = None
     try:
@@ -173,10 +178,15 @@ async def run_code(
             if reply_status == "aborted":
                 message = "Execution was aborted by the kernel because a previous request failed."
     except asyncio.CancelledError:
-        await asyncio.shield(_settle_after_cancel(kernel, execution, grace, cwd))
+        # Cancellation may be re-delivered at every await (anyio scopes): settle in a task.
+        cancelled = True
+        settle = asyncio.create_task(_settle_after_cancel(kernel, execution, grace, cwd, msg_id))
+        if on_cancel is not None:
+            on_cancel(settle)
         raise
     finally:
-        kernel.forget(msg_id)
+        if not cancelled:
+            kernel.forget(msg_id)
     collector = execution.collector
     count = collector.execution_count
     if execution.reply is not None:
@@ -212,14 +222,18 @@ async def _after_loss(kernel: KernelConnection, reason: str, cwd: Path) -> tuple
 
 
 async def _settle_after_cancel(
-    kernel: KernelConnection, execution: _Execution, grace: float, cwd: Path
+    kernel: KernelConnection, execution: _Execution, grace: float, cwd: Path, msg_id: str
 ) -> None:
     """A cancelled caller: stop the code, so the next request finds an idle kernel."""
-    if execution.done.is_set():
-        return
-    with contextlib.suppress(Exception):
+    try:
+        if execution.done.is_set():
+            return
+        logger.info("kernel %s: caller cancelled; interrupting", kernel.kernel_id)
         await kernel.interrupt()
-        if (
-            not await _wait_done(execution, grace) and execution.lost is None
-        ) or execution.lost == "died":
+        finished = await _wait_done(execution, grace)
+        if (not finished and execution.lost is None) or execution.lost == "died":
             await kernel.restart(cwd)
+    except Exception:
+        logger.exception("kernel %s: could not settle after a cancelled call", kernel.kernel_id)
+    finally:
+        kernel.forget(msg_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -283,6 +284,7 @@ class LocalBackend(KernelBackend):
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._lock_fd: int | None = None
         self._spec_manager = _SpecManager()
         self._spec_manager.spec = KernelSpec(
             argv=[
@@ -305,16 +307,27 @@ class LocalBackend(KernelBackend):
         runtime = self._settings.runtime_dir
         runtime.mkdir(parents=True, exist_ok=True)
         runtime.chmod(stat.S_IRWXU)
-        stale = [p for p in runtime.iterdir() if p.name.startswith(("kernel-", "k-"))]
-        for path in stale:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        if stale:
-            logger.info("removed %d stale connection files from %s", len(stale), runtime)
         (runtime / "ipython").mkdir(exist_ok=True)
+        # Every live server holds a shared lock on the folder; whoever gets it exclusively
+        # is alone, so the kernel files there are left over from a crashed run.
+        self._lock_fd = os.open(runtime / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another server uses %s; stale files are left to it", runtime)
+        else:
+            stale = [p for p in runtime.iterdir() if p.name.startswith(("kernel-", "k-"))]
+            for path in stale:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            if stale:
+                logger.info("removed %d stale kernel files from %s", len(stale), runtime)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
     async def close(self) -> None:
-        return None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def kernel_env(self) -> dict[str, str]:
         """The scrubbed environment every kernel starts with."""
@@ -324,6 +337,8 @@ class LocalBackend(KernelBackend):
         env["IPYTHONDIR"] = str(self._settings.runtime_dir / "ipython")
         env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
         env["PYTHONUNBUFFERED"] = "1"
+        # Importing skill helpers must not write __pycache__ into the skills folder.
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
         return env
 
     async def start_kernel(self, cwd: Path) -> LocalKernel:

@@ -70,6 +70,11 @@ class KernelSession:
     notice: str | None = None
     """Told with the next result: why earlier state is gone (culled, restarted)."""
     background: OutputCollector = field(default_factory=lambda: OutputCollector(_BACKGROUND_CAP))
+    settling: asyncio.Task[None] | None = None
+    """Interrupt/restart after a cancelled call; the next request waits for it."""
+
+    def set_settling(self, task: asyncio.Task[None]) -> None:
+        self.settling = task
 
     @property
     def busy(self) -> bool:
@@ -204,6 +209,7 @@ class SessionManager:
                     output_cap=settings.output_cap_bytes,
                     cwd=session.folder,
                     on_output=on_output,
+                    on_cancel=session.set_settling,
                 )
             finally:
                 session.last_activity = time.monotonic()
@@ -268,6 +274,9 @@ class SessionManager:
 
     async def _kernel_for(self, session: KernelSession) -> KernelConnection:
         """The session's kernel, claimed or started on first use. Hold session.lock."""
+        if session.settling is not None:
+            settling, session.settling = session.settling, None
+            await asyncio.shield(settling)
         if session.kernel is not None:
             return session.kernel
         running = sum(1 for s in self._sessions.values() if s.kernel is not None) + self._starting

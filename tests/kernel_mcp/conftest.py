@@ -85,7 +85,7 @@ async def start_manager(
     deadline = time.monotonic() + 5
     for _, backend in started:
         for pid in backend.pids:
-            while psutil.pid_exists(pid) and time.monotonic() < deadline:  # noqa: ASYNC110
+            while psutil.pid_exists(pid) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 leftovers.append(pid)
@@ -111,3 +111,45 @@ def plain_of(outputs: list[dict[str, Any]]) -> str | None:
             value: str = output["data"]["text/plain"]
             return value
     return None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def serve_http(
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: serve kernel_mcp over real HTTP on a free port; returns its base URL."""
+    import uvicorn
+
+    from kernel_mcp.server import create_server
+
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def serve(**overrides: Any) -> str:
+        settings = make_settings(**overrides)
+        app = create_server(settings).http_app(path="/mcp", host_origin_protection=True)
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
+        task = asyncio.create_task(server.serve())
+        servers.append((server, task))
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert not task.done(), "the server failed to start"
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server, task in servers:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)

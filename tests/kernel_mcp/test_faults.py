@@ -94,7 +94,7 @@ async def test_death_is_seen_within_two_seconds(manager: SessionManager) -> None
     await asyncio.sleep(0.3)
     killed_at = time.monotonic()
     os.kill(info.pid or 0, signal.SIGKILL)
-    while original.exit_code is None and time.monotonic() - killed_at < 5:  # noqa: ASYNC110
+    while original.exit_code is None and time.monotonic() - killed_at < 5:
         await asyncio.sleep(0.01)
     seen.append(time.monotonic() - killed_at)
     await task

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import psutil
@@ -98,3 +99,14 @@ async def test_stale_connection_files_are_cleaned_at_start(start_manager, make_s
     info = await manager.kernel_info("s1")
     assert info.connection_file
     assert info.connection_file.startswith(str(runtime))
+
+
+async def test_a_second_server_on_the_same_runtime_keeps_live_files(
+    start_manager, make_settings
+) -> None:
+    first: SessionManager = await start_manager()
+    connection_file = (await first.kernel_info("s1")).connection_file
+    assert connection_file
+    second: SessionManager = await start_manager(workspace=make_settings().workspace / "other")
+    assert second.settings.runtime_dir == first.settings.runtime_dir
+    assert os.path.exists(connection_file), "a live server's connection file was deleted"

@@ -1,0 +1,318 @@
+"""The MCP surface through fastmcp's in-memory client, fastmcp over HTTP, and the mcp SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastmcp import Client
+from fastmcp.client.transports import StreamableHttpTransport
+from fastmcp.exceptions import ToolError
+
+from kernel_mcp.config import Settings
+from kernel_mcp.server import create_server
+
+pytestmark = pytest.mark.kernel
+
+REPO_SKILLS = Path(__file__).resolve().parents[2] / "skills"
+TOOLS = {
+    "execute_code",
+    "list_variables",
+    "interrupt_kernel",
+    "restart_kernel",
+    "list_files",
+    "read_file",
+    "write_file",
+    "read_skill",
+    "kernel_info",
+}
+
+
+def http_client(base: str, session: str | None = None, token: str | None = None) -> Client:
+    headers = {"X-Session-Id": session} if session else {}
+    transport = StreamableHttpTransport(f"{base}/mcp", headers=headers, auth=token)
+    return Client(transport, mode="legacy")
+
+
+async def run(client: Client, code: str, **args: Any) -> Any:
+    return await client.call_tool("execute_code", {"code": code, **args})
+
+
+async def test_in_memory_tools_state_and_prompt(make_settings: Callable[..., Settings]) -> None:
+    server = create_server(make_settings())
+    async with Client(server, mode="legacy") as client:
+        assert {t.name for t in await client.list_tools()} == TOOLS
+        await run(client, "x = 20")
+        result = await run(client, "x * 2 + 2")
+        assert result.content[0].text == "42"
+        assert result.structured_content["status"] == "ok"
+        assert result.structured_content["outputs"][0]["data"]["text/plain"] == "42"
+        prompt = await client.get_prompt("agent_system_prompt")
+        text = prompt.messages[0].content.text
+    served = sorted(p.name for p in REPO_SKILLS.iterdir() if (p / "SKILL.md").is_file())
+    assert len(served) >= 4
+    listed = [line[2:].split(":")[0] for line in text.split("## Skills\n")[1].splitlines()]
+    assert listed == served, "every skill and nothing else"
+    assert "persist" in text
+
+
+async def test_skills_are_resources_and_readable(make_settings: Callable[..., Settings]) -> None:
+    async with Client(create_server(make_settings()), mode="legacy") as client:
+        uris = {str(r.uri) for r in await client.list_resources()}
+        assert "skill://sympy-math/SKILL.md" in uris
+        body = (await client.call_tool("read_skill", {"name": "sympy-math"})).content[0].text
+        assert body.startswith("---\nname: sympy-math")
+        helper = await client.call_tool(
+            "read_skill", {"name": "pandas-data-analysis", "path": "df_summary.py"}
+        )
+        assert "def summarize" in helper.content[0].text
+        with pytest.raises(ToolError, match="available skills: data-files"):
+            await client.call_tool("read_skill", {"name": "nope"})
+
+
+async def test_skill_helpers_import_in_the_kernel(make_settings: Callable[..., Settings]) -> None:
+    async with Client(create_server(make_settings()), mode="legacy") as client:
+        code = (
+            "import kernel_skills, pandas as pd\nfrom df_summary import summarize\n"
+            "summarize(pd.DataFrame({'a': [1, 2]})).shape[0]"
+        )
+        result = await run(client, code)
+        assert result.structured_content["status"] == "ok", result.content[0].text
+        assert result.content[0].text == "1"
+
+
+async def test_invalid_skill_is_skipped_and_new_ones_appear(
+    make_settings: Callable[..., Settings], short_tmp: Path, serve_http: Callable[..., Any]
+) -> None:
+    skills = short_tmp / "skills"
+    shutil.copytree(REPO_SKILLS, skills)
+    broken = skills / "Broken_Skill"
+    broken.mkdir()
+    (broken / "SKILL.md").write_text("no front matter here\n")
+    base = await serve_http(skills_dir=skills)
+    async with httpx.AsyncClient() as http:
+        names = {s["name"] for s in (await http.get(f"{base}/skills")).json()}
+        assert "sympy-math" in names
+        assert "Broken_Skill" not in names
+        added = skills / "unit-conversion"
+        added.mkdir()
+        (added / "SKILL.md").write_text(
+            "---\nname: unit-conversion\ndescription: Convert units. Use for unit questions.\n"
+            "---\n# Units\n"
+        )
+        names_after = {s["name"] for s in (await http.get(f"{base}/skills")).json()}
+    assert names_after == names | {"unit-conversion"}
+    async with http_client(base, "s1") as client:
+        prompt = (await client.get_prompt("agent_system_prompt")).messages[0].content.text
+        assert "- unit-conversion: Convert units." in prompt
+        uris = {str(r.uri) for r in await client.list_resources()}
+        assert "skill://unit-conversion/SKILL.md" in uris
+
+
+async def test_http_plot_arrives_as_image_content(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http()
+    async with http_client(base, "plots") as client:
+        code = "import matplotlib.pyplot as plt\nplt.plot([3, 1, 2]); plt.title('t'); plt.show()"
+        result = await run(client, code, timeout=60)
+    images = [c for c in result.content if c.type == "image"]
+    assert len(images) == 1
+    assert images[0].mime_type == "image/png"
+    assert base64.b64decode(images[0].data).startswith(b"\x89PNG")
+    assert "[image/png image shown below]" in result.content[0].text
+
+
+async def test_http_dataframe_html_in_structured_outputs(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http()
+    async with http_client(base, "frames") as client:
+        code = "import pandas as pd\npd.DataFrame({'city': ['Oslo', 'Lima'], 'n': [1, 2]})"
+        result = await run(client, code, timeout=60)
+    html = result.structured_content["outputs"][-1]["data"]["text/html"]
+    assert "<table" in html
+    assert "Oslo" in html
+    assert "Oslo" in result.content[0].text
+
+
+async def test_two_clients_get_two_kernels(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http()
+    async with http_client(base) as first, http_client(base) as second:
+        await run(first, "who = 'first'")
+        await run(second, "who = 'second'")
+        assert (await run(first, "who")).content[0].text == "'first'"
+        assert (await run(second, "who")).content[0].text == "'second'"
+        one = (await first.call_tool("kernel_info", {})).structured_content
+        two = (await second.call_tool("kernel_info", {})).structured_content
+    assert one["kernel_id"] != two["kernel_id"]
+    assert one["folder"] != two["folder"]
+
+
+async def test_same_session_header_reaches_the_same_kernel(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http()
+    async with http_client(base, "shared-1") as client:
+        await run(client, "kept = [1, 2, 3]")
+        first_id = (await client.call_tool("kernel_info", {})).structured_content["kernel_id"]
+    async with http_client(base, "shared-1") as client:
+        assert (await run(client, "sum(kept)")).content[0].text == "6"
+        assert (await client.call_tool("kernel_info", {})).structured_content[
+            "kernel_id"
+        ] == first_id
+
+
+async def test_modern_protocol_uses_the_header_or_says_what_to_do(
+    serve_http: Callable[..., Any],
+) -> None:
+    base = await serve_http()
+    transport = StreamableHttpTransport(f"{base}/mcp", headers={"X-Session-Id": "modern"})
+    async with Client(transport) as client:
+        await run(client, "y = 5")
+        assert (await run(client, "y")).content[0].text == "5"
+    async with Client(StreamableHttpTransport(f"{base}/mcp")) as client:
+        with pytest.raises(ToolError, match="X-Session-Id"):
+            await run(client, "1")
+
+
+async def test_timeout_returns_quickly_and_state_survives(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http()
+    async with http_client(base, "t1") as client:
+        await run(client, "kept = 'yes'")
+        started = time.monotonic()
+        result = await run(client, "while True: pass", timeout=2)
+        assert time.monotonic() - started < 3
+        assert result.structured_content["status"] == "timeout_interrupted"
+        assert "interrupted" in result.content[0].text
+        assert (await run(client, "kept")).content[0].text == "'yes'"
+
+
+async def test_kernel_death_is_reported_and_next_call_works(
+    serve_http: Callable[..., Any],
+) -> None:
+    base = await serve_http()
+    async with http_client(base, "d1") as client:
+        result = await run(client, "import os; os._exit(1)")
+        assert result.structured_content["status"] == "kernel_died"
+        assert result.structured_content["kernel_restarted"] is True
+        assert "variables defined earlier are gone" in result.content[0].text
+        assert (await run(client, "6 * 7")).content[0].text == "42"
+
+
+async def test_files_are_confined_to_the_session_folder(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http()
+    async with http_client(base, "f1") as client:
+        await client.call_tool("write_file", {"path": "data/notes.txt", "content": "héllo"})
+        assert (await run(client, "open('data/notes.txt').read()")).content[0].text == "'héllo'"
+        listing = await client.call_tool("list_files", {"path": "data"})
+        assert listing.structured_content["files"][0]["path"] == "data/notes.txt"
+        text = await client.call_tool("read_file", {"path": "data/notes.txt"})
+        assert text.content[0].text == "héllo"
+        await run(client, "import os; os.symlink('/etc', 'escape')")
+        for bad in ("../f1/data/notes.txt", "/etc/passwd", "escape/passwd", "data/../../x"):
+            with pytest.raises(ToolError, match="session folder"):
+                await client.call_tool("read_file", {"path": bad})
+        with pytest.raises(ToolError, match="session folder"):
+            await client.call_tool("write_file", {"path": "../outside.txt", "content": "x"})
+        with pytest.raises(ToolError, match="session folder"):
+            await client.call_tool("list_files", {"path": "escape"})
+
+
+async def test_token_is_required_when_set(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http(token="s3cret")
+    async with httpx.AsyncClient() as http:
+        denied = await http.post(f"{base}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        assert denied.status_code == 401
+        assert (await http.get(f"{base}/health")).status_code == 200
+    async with http_client(base, "a1", token="s3cret") as client:
+        assert (await run(client, "1 + 1")).content[0].text == "2"
+
+
+async def test_foreign_origin_is_refused(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http()
+    async with httpx.AsyncClient() as http:
+        evil = await http.get(f"{base}/health", headers={"Origin": "http://evil.example"})
+        local = await http.get(f"{base}/health", headers={"Origin": "http://localhost:3000"})
+    assert evil.status_code == 403
+    assert local.status_code == 200
+
+
+async def test_health_reports_kernels(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http()
+    async with http_client(base, "h1") as client:
+        await run(client, "1")
+    async with httpx.AsyncClient() as http:
+        health = (await http.get(f"{base}/health")).json()
+    assert health["status"] == "ok"
+    assert health["kernels_running"] == 1
+    assert "version" in health
+
+
+async def test_live_output_arrives_during_a_slow_cell(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http()
+    seen: list[tuple[float, str]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((time.monotonic(), message or ""))
+
+    code = "import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(0.6)"
+    async with http_client(base, "live") as client:
+        started = time.monotonic()
+        result = await client.call_tool(
+            "execute_code", {"code": code}, progress_handler=on_progress
+        )
+        finished = time.monotonic()
+    assert result.structured_content["status"] == "ok"
+    assert "tick 0" in seen[0][1]
+    assert seen[0][0] - started < finished - started - 1.0, "the first tick came early"
+    assert "".join(m for _, m in seen).count("tick") == 3
+
+
+async def test_cancelled_call_interrupts_the_kernel(serve_http: Callable[..., Any]) -> None:
+    base = await serve_http()
+    async with http_client(base, "c1") as client:
+        await run(client, "kept = 1")
+        task = asyncio.create_task(run(client, "import time; time.sleep(60)"))
+        await asyncio.sleep(1.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        started = time.monotonic()
+        result = await run(client, "kept")
+        assert result.content[0].text == "1"
+        assert time.monotonic() - started < 3, "the sleeping cell was interrupted"
+
+
+async def test_official_mcp_sdk_client(serve_http: Callable[..., Any]) -> None:
+    import httpx2
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    base = await serve_http(token="tok")
+    headers = {"X-Session-Id": "sdk-1", "Authorization": "Bearer tok"}
+    logs: list[str] = []
+
+    async def on_log(params: Any) -> None:
+        logs.append(str(params.data))
+
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=60) as http,
+        streamable_http_client(f"{base}/mcp", http_client=http) as (read, write),
+        ClientSession(read, write, logging_callback=on_log) as session,
+    ):
+        await session.initialize()
+        tools = await session.list_tools()
+        assert {t.name for t in tools.tools} == TOOLS
+        await session.call_tool("execute_code", {"code": "z = 7\nprint('hi')"})
+        result = await session.call_tool("execute_code", {"code": "z * 6"})
+        assert not result.is_error
+        assert result.content[0].text == "42"
+        assert result.structured_content["execution_count"] == 2
+        bad = await session.call_tool("read_file", {"path": "../../etc/passwd"})
+        assert bad.is_error
+        assert "session folder" in bad.content[0].text
+        prompt = await session.get_prompt("agent_system_prompt")
+        assert "sympy-math" in prompt.messages[0].content.text
+    assert any("hi" in entry for entry in logs)

@@ -1,0 +1,1 @@
+"""Test helpers shared by the suites: the scripted fake LLM server."""
