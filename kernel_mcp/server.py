@@ -228,6 +228,15 @@ def create_server(settings: Settings | None = None) -> FastMCP:
             raise _tool_error(exc) from exc
         return "The kernel was restarted; variables defined earlier are gone, files are kept."
 
+    @mcp.tool(annotations={"destructiveHint": True})
+    async def shutdown_kernel(ctx: Context) -> str:
+        """Shut this session's kernel down to free its memory; files are kept.
+
+        The next execute_code starts a fresh kernel (earlier variables are gone).
+        """
+        closed = await manager.close_session(session_key(ctx))
+        return "The kernel was shut down." if closed else "No kernel was running for this session."
+
     @mcp.tool(annotations={"readOnlyHint": True})
     async def list_files(
         ctx: Context,

@@ -9,6 +9,7 @@ import pytest
 # Set before anything imports litellm: no cost-map download, no tokenizer fetches.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
 _PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "AGENT_API_KEY")
 

@@ -32,6 +32,7 @@ TOOLS = {
     "write_file",
     "read_skill",
     "kernel_info",
+    "shutdown_kernel",
 }
 
 
@@ -316,3 +317,19 @@ async def test_official_mcp_sdk_client(serve_http: Callable[..., Any]) -> None:
         prompt = await session.get_prompt("agent_system_prompt")
         assert "sympy-math" in prompt.messages[0].content.text
     assert any("hi" in entry for entry in logs)
+
+
+async def test_shutdown_kernel_frees_it_and_next_call_starts_fresh(
+    serve_http: Callable[..., Any],
+) -> None:
+    base = await serve_http()
+    async with http_client(base, "bye") as client:
+        await run(client, "kept = 1")
+        pid = (await client.call_tool("kernel_info", {})).structured_content["pid"]
+        text = (await client.call_tool("shutdown_kernel", {})).content[0].text
+        assert text == "The kernel was shut down."
+        import psutil
+
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        result = await run(client, "'kept' in globals()")
+        assert result.content[0].text == "False"
