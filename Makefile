@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 .PHONY: run test install lint bench clean
 
 run: $(STAMP)
-	$(BIN)/python -m kernel_mcp
+	$(BIN)/python scripts/run_stack.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -48,27 +48,35 @@ class _SpecManager(KernelSpecManager):
 
 
 class _ReadyProbe:
-    """Listener for the kernel_info handshake: reply on shell plus idle on IOPub."""
+    """Listener for the kernel_info handshake: a reply on shell plus idle on IOPub.
+
+    Every attempt stays registered: under load a reply may come after the next
+    attempt was sent, and any attempt seen on both channels proves readiness.
+    """
 
     def __init__(self) -> None:
-        self.reply: Message | None = None
-        self.idle = False
+        self.replies: dict[str, Message] = {}
+        self.idle: set[str] = set()
+        self.ready: Message | None = None
+        self.lost = False
         self.done = asyncio.Event()
 
     def on_iopub(self, msg: Message) -> None:
         if msg["header"]["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            self.idle = True
-            self._check()
+            self.idle.add(msg["parent_header"]["msg_id"])
+            self._check(msg["parent_header"]["msg_id"])
 
     def on_reply(self, msg: Message) -> None:
-        self.reply = msg
-        self._check()
+        self.replies[msg["parent_header"]["msg_id"]] = msg
+        self._check(msg["parent_header"]["msg_id"])
 
     def on_kernel_lost(self, reason: str) -> None:
+        self.lost = True
         self.done.set()
 
-    def _check(self) -> None:
-        if self.reply is not None and self.idle:
+    def _check(self, msg_id: str) -> None:
+        if msg_id in self.replies and msg_id in self.idle:
+            self.ready = self.replies[msg_id]
             self.done.set()
 
 
@@ -102,24 +110,29 @@ class LocalKernel(KernelConnection):
         await self._wait_ready(timeout)
 
     async def _wait_ready(self, timeout: float) -> None:
-        # Repeat kernel_info until both its reply and its IOPub idle status arrive:
+        # Repeat kernel_info until one is answered on shell and reported idle on IOPub:
         # then IOPub is connected and no output of the next request can be missed.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if self._dead:
-                raise KernelStartError(f"kernel {self.kernel_id} exited during start-up")
-            probe = _ReadyProbe()
-            msg_id = self._kc.kernel_info()
-            self._listeners[msg_id] = probe
-            try:
+        probe = _ReadyProbe()
+        sent: list[str] = []
+        interval = 0.1
+        try:
+            while loop.time() < deadline:
+                if self._dead or probe.lost:
+                    raise KernelStartError(f"kernel {self.kernel_id} exited during start-up")
+                msg_id = self._kc.kernel_info()
+                sent.append(msg_id)
+                self._listeners[msg_id] = probe
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(probe.done.wait(), 0.25)
-            finally:
+                    await asyncio.wait_for(probe.done.wait(), interval)
+                if probe.ready is not None:
+                    self._language_info = probe.ready["content"].get("language_info", {})
+                    return
+                interval = min(interval * 2, 1.0)
+        finally:
+            for msg_id in sent:
                 self._listeners.pop(msg_id, None)
-            if probe.reply is not None and probe.idle:
-                self._language_info = probe.reply["content"].get("language_info", {})
-                return
         raise KernelStartError(f"kernel {self.kernel_id} did not become ready in {timeout:.0f} s")
 
     async def restart(self, cwd: Path) -> None:

@@ -1,0 +1,334 @@
+"""End to end with the official openai SDK: real service, real kernel_mcp, scripted LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from tests.support.fake_llm import Error, MidStreamError, Stall, Text, ToolCall, ToolCalls
+
+from .conftest import Stack
+
+pytestmark = pytest.mark.kernel
+
+MODEL = "kernel-agent"
+
+
+async def stream_turn(stack: Stack, session: str, text: str) -> tuple[str, list]:
+    client = stack.client()
+    chunks = []
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": text}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"X-Session-Id": session},
+    )
+    async for chunk in stream:
+        chunks.append(chunk)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return content, chunks
+
+
+async def test_three_turns_share_state_and_a_plot_is_served(stack: Stack) -> None:
+    stack.llm.script(
+        ToolCall("execute_code", {"code": "data = [3, 1, 2]\nprint(sum(data))"}),
+        Text("The sum is 6."),
+        ToolCall("execute_code", {"code": "max(data) * 10"}),
+        Text("Max times ten is 30."),
+        ToolCall(
+            "execute_code",
+            {"code": "import matplotlib.pyplot as plt\nplt.plot(data)\nplt.show()"},
+        ),
+        Text("Here is the plot."),
+    )
+    first, chunks = await stream_turn(stack, "conv-1", "Sum my data")
+    assert "```python\ndata = [3, 1, 2]" in first
+    assert "```text\n6\n```" in first
+    assert first.endswith("The sum is 6.")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == ["stop"]
+    assert chunks[-1].usage is not None
+
+    second, _ = await stream_turn(stack, "conv-1", "Max times ten?")
+    assert "30" in second
+    tool_message = stack.llm.requests[3]["messages"][-1]
+    assert tool_message["role"] == "tool"
+    assert tool_message["content"] == "30"
+
+    third, _ = await stream_turn(stack, "conv-1", "Plot it")
+    links = [part.split(")")[0] for part in third.split("](")[1:]]
+    assert len(links) == 1
+    async with httpx.AsyncClient() as http:
+        image = await http.get(links[0])
+    assert image.status_code == 200
+    assert image.headers["content-type"] == "image/png"
+    assert image.content.startswith(b"\x89PNG")
+    # the model saw the system prompt with skills, then the whole conversation
+    sent = stack.llm.requests[-1]["messages"]
+    assert sent[0]["role"] == "system"
+    assert "sympy-math" in sent[0]["content"]
+    assert [m["role"] for m in sent[1:]] == [
+        "user", "assistant", "tool", "assistant",
+        "user", "assistant", "tool", "assistant",
+        "user", "assistant", "tool",
+    ]  # fmt: skip
+
+
+async def test_non_streaming_completion(stack: Stack) -> None:
+    stack.llm.script(ToolCall("execute_code", {"code": "21 * 2"}), Text("It is 42."))
+    client = stack.client()
+    response = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "21*2?"}]
+    )
+    completion = response.parse()
+    session = response.headers["x-session-id"]
+    assert session
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.choices[0].message.content.endswith("It is 42.")
+    assert "```text\n42\n```" in completion.choices[0].message.content
+
+
+async def test_strict_stream_helper_parses_our_stream(stack: Stack) -> None:
+    stack.llm.script(Text("Hello there."))
+    client = stack.client()
+    async with client.chat.completions.stream(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        async for _ in stream:
+            pass
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.content == "Hello there."
+
+
+async def test_tool_call_arguments_fragmented_and_parallel(stack: Stack) -> None:
+    stack.llm.script(
+        ToolCalls(
+            [
+                ToolCall("execute_code", {"code": "a = 2"}),
+                ToolCall("execute_code", {"code": "b = a + 1\nb"}),
+            ],
+            fragments=5,
+        ),
+        Text("b is 3."),
+    )
+    content, _ = await stream_turn(stack, "par-1", "go")
+    assert "```text\n3\n```" in content
+    tool_messages = [m for m in stack.llm.requests[1]["messages"] if m["role"] == "tool"]
+    assert [m["content"] for m in tool_messages] == ["[no output]", "3"]
+
+
+async def test_concurrent_turn_gets_409(stack: Stack) -> None:
+    stack.llm.script(ToolCall("execute_code", {"code": "import time; time.sleep(2)"}), Text("ok"))
+    client = stack.client(max_retries=3)
+    first = asyncio.create_task(stream_turn(stack, "busy-1", "sleep"))
+    await stack.llm.wait_for_requests(1)
+    await asyncio.sleep(0.3)
+    from openai import ConflictError
+
+    with pytest.raises(ConflictError) as info:
+        await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "again"}],
+            extra_headers={"X-Session-Id": "busy-1"},
+        )
+    assert info.value.code == "session_busy"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    content, _ = await first
+    assert content.endswith("ok")
+    assert len(stack.llm.requests) == 2, "the SDK did not retry the 409"
+
+
+async def test_rate_limit_then_success(stack: Stack) -> None:
+    stack.llm.script(Error(429, "slow down"), Text("Made it."))
+    content, _ = await stream_turn(stack, "rl-1", "hi")
+    assert content == "Made it."
+    assert len(stack.llm.requests) == 2
+
+
+async def test_rate_limit_exhausted_is_an_http_error(stack: Stack) -> None:
+    stack.llm.script(Error(429, "slow down"), Error(429, "slow"), Error(429, "slow"))
+    from openai import RateLimitError
+
+    with pytest.raises(RateLimitError) as info:
+        await stack.client(max_retries=0).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    assert info.value.code == "rate_limit_exceeded"
+
+
+async def test_provider_500_mid_stream_ends_cleanly_and_keeps_transcript(stack: Stack) -> None:
+    stack.llm.script(
+        ToolCall("execute_code", {"code": "kept = 5"}),
+        MidStreamError("Partial answ"),
+    )
+    client = stack.client()
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "go"}],
+        stream=True,
+        extra_headers={"X-Session-Id": "mid-1"},
+    )
+    received = []
+    from openai import APIError
+
+    async def consume() -> None:
+        async for chunk in stream:
+            received.append(chunk)
+
+    with pytest.raises(APIError, match="model provider failed"):
+        await consume()
+    assert any("kept = 5" in (c.choices[0].delta.content or "") for c in received if c.choices)
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        session = (await http.get("/v1/sessions/mid-1")).json()
+    types = [e["type"] for e in session["events"]]
+    assert types == ["user", "assistant", "tool_result", "assistant", "error"]
+    assert session["events"][3]["partial"] is True
+    # the conversation continues, with the kernel state intact
+    stack.llm.script(ToolCall("execute_code", {"code": "kept"}), Text("still 5"))
+    content, _ = await stream_turn(stack, "mid-1", "again")
+    assert "```text\n5\n```" in content
+
+
+async def test_disconnect_mid_execution_still_saves_the_turn(stack: Stack) -> None:
+    stack.llm.script(
+        ToolCall("execute_code", {"code": "import time; time.sleep(1.5); done = 'yes'"}),
+        Text("Finished."),
+    )
+    async with httpx.AsyncClient(base_url=stack.agent.url, timeout=30) as http:
+        body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+        async with http.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"X-Session-Id": "drop-1"}
+        ) as response:
+            async for line in response.aiter_lines():
+                if "time.sleep" in line:
+                    break  # the client goes away while the code runs
+    await stack.llm.wait_for_requests(2, within=20)
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        for _ in range(100):
+            session = (await http.get("/v1/sessions/drop-1")).json()
+            if not session["busy"]:
+                break
+            await asyncio.sleep(0.1)
+    types = [e["type"] for e in session["events"]]
+    assert types == ["user", "assistant", "tool_result", "assistant"]
+    assert session["events"][-1]["content"] == "Finished."
+    assert session["events"][2]["structured"]["status"] == "ok"
+
+
+async def test_restarted_service_lists_old_transcripts(stack: Stack) -> None:
+    stack.llm.script(Text("First answer."))
+    await stream_turn(stack, "persist-1", "remember me")
+    await stack.restart_agent()
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        listed = (await http.get("/v1/sessions")).json()["data"]
+        detail = (await http.get("/v1/sessions/persist-1")).json()
+    assert [s["id"] for s in listed] == ["persist-1"]
+    assert listed[0]["title"] == "remember me"
+    assert [e["type"] for e in detail["events"]] == ["user", "assistant"]
+
+
+async def test_api_keys_are_required_when_set(start_stack) -> None:
+    stack: Stack = await start_stack(api_keys=["k-123"])
+    from openai import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        await stack.client(api_key="wrong").models.list()
+    models = await stack.client(api_key="k-123").models.list()
+    assert [m.id for m in models.data] == ["kernel-agent", "hosted_vllm/fake"]
+
+
+async def test_malformed_requests_get_openai_error_shape(stack: Stack) -> None:
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (json.dumps({"model": MODEL}).encode(), 400, None),
+        (json.dumps({"model": MODEL, "messages": []}).encode(), 400, None),
+        (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(),
+         404, "model_not_found"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "  "}]}).encode(),
+         400, None),
+        (json.dumps({"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}).encode(),
+         400, None),
+        (b"{" + b" " * 3_000_000 + b"}", 413, "request_too_large"),
+    ]  # fmt: skip
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        for body, status, code in cases:
+            response = await http.post(
+                "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == status, (body[:60], response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["message"]
+            if code:
+                assert error["code"] == code
+        missing = await http.get("/v1/sessions/nope")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "session_not_found"
+    assert stack.llm.requests == []
+
+
+async def test_no_model_configured(start_stack) -> None:
+    stack: Stack = await start_stack(model=None)
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        health = (await http.get("/health")).json()
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert health["model_configured"] is False
+    assert response.status_code == 503
+    assert "AGENT_MODEL" in response.json()["error"]["message"]
+    assert response.headers["x-should-retry"] == "false"
+
+
+async def test_prompt_cache_hit_miss_clear_and_fallback(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        stack.llm.script(Text("one"), Text("two"))
+        await stream_turn(stack, "c-1", "a")
+        await stream_turn(stack, "c-2", "b")
+        stats = (await http.get("/admin/cache-stats")).json()
+        assert (stats["misses"], stats["hits"]) == (1, 1)
+        assert len(stats["prompt_hash"]) == 8
+        assert stats["source"] == "kernel_mcp"
+        assert stats["age_seconds"] >= 0
+        cleared = (await http.post("/admin/clear-cache")).json()
+        assert cleared["cached"] is False
+        await stack.kernel_mcp.stop()
+        stack.llm.script(Text("three"))
+        await stream_turn(stack, "c-3", "c")  # kernel_mcp down: the model still answers
+        stats = (await http.get("/admin/cache-stats")).json()
+        assert stats["fallbacks"] == 1
+        assert stats["source"] == "fallback"
+        assert stats["cached"] is False, "the fallback is not cached"
+        assert "full prompt" in stack.llm.requests[-1]["messages"][0]["content"]
+
+
+async def test_stalled_provider_times_out_cleanly(start_stack) -> None:
+    stack: Stack = await start_stack(llm_timeout=1, llm_retries=0)
+    stack.llm.script(Stall(5))
+    from openai import APIStatusError
+
+    with pytest.raises(APIStatusError) as info:
+        await stack.client(max_retries=0).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert info.value.status_code == 504
+
+
+async def test_guard_stops_real_provider_calls(start_stack) -> None:
+    stack: Stack = await start_stack(model="openai/gpt-4o", api_base=None, api_key="sk-test")
+    from openai import APIStatusError
+
+    with pytest.raises(APIStatusError) as info:
+        await stack.client(max_retries=0).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert info.value.status_code == 502
+    assert "real providers need the `llm` marker" in info.value.message
