@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for noisy in ("httpx", "httpx2", "mcp.client"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = Settings()
     uvicorn.run(
         create_app(settings),

@@ -142,8 +142,8 @@ class KernelClient:
 
     async def reachable(self) -> bool:
         try:
-            async with self._client(None) as client:
-                await client.ping()
+            async with self._client(None):
+                pass  # connecting performs the MCP handshake
         except Exception:
             return False
         return True

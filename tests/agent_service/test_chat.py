@@ -332,3 +332,15 @@ async def test_guard_stops_real_provider_calls(start_stack) -> None:
         )
     assert info.value.status_code == 502
     assert "real providers need the `llm` marker" in info.value.message
+
+
+async def test_health_reports_kernel_mcp_and_model(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        health = (await http.get("/health")).json()
+        assert health["status"] == "ok"
+        assert health["kernel_mcp"]["reachable"] is True
+        assert health["model_configured"] is True
+        await stack.kernel_mcp.stop()
+        health = (await http.get("/health")).json()
+    assert health["status"] == "degraded"
+    assert health["kernel_mcp"]["reachable"] is False
