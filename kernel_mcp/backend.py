@@ -81,6 +81,10 @@ class KernelConnection(abc.ABC):
     @abc.abstractmethod
     def info(self) -> KernelInfo: ...
 
+    def assign(self) -> None:
+        """A session claimed this (pooled) kernel: list it among the session kernels."""
+        return None
+
     @abc.abstractmethod
     def memory_rss(self) -> int | None:
         """Resident memory of the kernel process in bytes, when known."""
@@ -94,8 +98,11 @@ class KernelBackend(abc.ABC):
         """Prepare the backend (folders, stale files)."""
 
     @abc.abstractmethod
-    async def start_kernel(self, cwd: Path) -> KernelConnection:
-        """Start a kernel with `cwd` as working folder and wait until it is ready."""
+    async def start_kernel(self, cwd: Path, *, pooled: bool = False) -> KernelConnection:
+        """Start a kernel with `cwd` as working folder and wait until it is ready.
+
+        A `pooled` kernel waits for a session; `assign` is called when one claims it.
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:

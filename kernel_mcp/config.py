@@ -95,6 +95,15 @@ class Settings(BaseSettings):
         default_factory=list, description="Host headers accepted besides loopback."
     )
 
+    @property
+    def connection_dir(self) -> Path:
+        """Connection files of the session kernels (JupyterLab's external_connection_dir)."""
+        return self.runtime_dir / "kernels"
+
+    @property
+    def pool_connection_dir(self) -> Path:
+        return self.runtime_dir / "pool"
+
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
         self.workspace = self.workspace.expanduser().resolve()

@@ -32,7 +32,8 @@ from .errors import KernelStartError
 logger = logging.getLogger(__name__)
 
 _LAUNCHER = str(Path(__file__).with_name("_kernel_launcher.py"))
-_KERNEL_NAME = "kernel-agent-python"
+# The name written into connection files: JupyterLab shows attached kernels as Python 3.
+_KERNEL_NAME = "python3"
 _OUTPUT_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
 _IPC_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "-<port>"
 
@@ -197,6 +198,13 @@ class LocalKernel(KernelConnection):
             generation=self.generation,
         )
 
+    def assign(self) -> None:
+        current = Path(self._km.connection_file)
+        target = self._settings.connection_dir / current.name
+        if current != target:
+            os.replace(current, target)
+            self._km.connection_file = str(target)
+
     def memory_rss(self) -> int | None:
         pid = self._pid()
         if pid is None:
@@ -320,7 +328,8 @@ class LocalBackend(KernelBackend):
         runtime = self._settings.runtime_dir
         runtime.mkdir(parents=True, exist_ok=True)
         runtime.chmod(stat.S_IRWXU)
-        (runtime / "ipython").mkdir(exist_ok=True)
+        for folder in ("ipython", "kernels", "pool"):
+            (runtime / folder).mkdir(exist_ok=True)
         # Every live server holds a shared lock on the folder; whoever gets it exclusively
         # is alone, so the kernel files there are left over from a crashed run.
         self._lock_fd = os.open(runtime / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
@@ -330,6 +339,8 @@ class LocalBackend(KernelBackend):
             logger.info("another server uses %s; stale files are left to it", runtime)
         else:
             stale = [p for p in runtime.iterdir() if p.name.startswith(("kernel-", "k-"))]
+            for folder in (self._settings.connection_dir, self._settings.pool_connection_dir):
+                stale += list(folder.iterdir())
             for path in stale:
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -354,13 +365,14 @@ class LocalBackend(KernelBackend):
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         return env
 
-    async def start_kernel(self, cwd: Path) -> LocalKernel:
+    async def start_kernel(self, cwd: Path, *, pooled: bool = False) -> LocalKernel:
         kernel_id = str(uuid.uuid4())
         runtime = self._settings.runtime_dir
+        folder = self._settings.pool_connection_dir if pooled else self._settings.connection_dir
         km = AsyncKernelManager(
             kernel_name=_KERNEL_NAME,
             kernel_spec_manager=self._spec_manager,
-            connection_file=str(runtime / f"kernel-{kernel_id}.json"),
+            connection_file=str(folder / f"kernel-{kernel_id}.json"),
         )
         ipc_prefix = runtime / f"k-{kernel_id[:8]}"
         if self._settings.transport == "ipc" and len(str(ipc_prefix)) < _IPC_PATH_MAX:

@@ -46,7 +46,7 @@ class KernelPool:
             self._wanted.clear()
             while len(self._ready) < self._size and not self.paused:
                 try:
-                    kernel = await self._backend.start_kernel(self._folder)
+                    kernel = await self._backend.start_kernel(self._folder, pooled=True)
                 except Exception:
                     logger.exception("pool: could not start a kernel; retrying in 5 s")
                     await asyncio.sleep(5)

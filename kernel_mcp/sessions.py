@@ -290,6 +290,7 @@ class SessionManager:
             kernel = self._pool.claim()
             if kernel is not None:
                 await self._move_to(kernel, session.folder)
+                kernel.assign()
             else:
                 kernel = await self._backend.start_kernel(session.folder)
         finally:

@@ -26,8 +26,8 @@ class RecordingBackend(LocalBackend):
         self.kernels: list[LocalKernel] = []
         self.pids: set[int] = set()
 
-    async def start_kernel(self, cwd: Path) -> LocalKernel:
-        kernel = await super().start_kernel(cwd)
+    async def start_kernel(self, cwd: Path, *, pooled: bool = False) -> LocalKernel:
+        kernel = await super().start_kernel(cwd, pooled=pooled)
         self.kernels.append(kernel)
         self._remember(kernel)
         return kernel

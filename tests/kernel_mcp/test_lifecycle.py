@@ -33,8 +33,12 @@ async def test_pool_kernels_are_claimed_once_and_refilled(start_manager) -> None
     assert text_of(first.outputs).strip() == str(manager.settings.workspace / "a")
     assert claim_time < 0.5, "a pooled kernel answers without a cold start"
     await manager.execute("b", "x = 'b'")
-    ids = {(await manager.kernel_info(s)).kernel_id for s in ("a", "b")}
-    assert len(ids) == 2
+    infos = [await manager.kernel_info(s) for s in ("a", "b")]
+    assert len({i.kernel_id for i in infos}) == 2
+    for info in infos:  # claimed kernels are listed with the session kernels
+        assert info.connection_file
+        assert os.path.dirname(info.connection_file) == str(manager.settings.connection_dir)
+        assert os.path.exists(info.connection_file)
     await _pool_ready(manager, 2)
     assert manager.stats()["kernels_running"] == 2
     result = await manager.execute("a", "'x' in globals()")
@@ -91,14 +95,15 @@ async def test_close_session_shuts_its_kernel(manager: SessionManager) -> None:
 async def test_stale_connection_files_are_cleaned_at_start(start_manager, make_settings) -> None:
     runtime = make_settings().runtime_dir
     runtime.mkdir(parents=True)
-    stale = runtime / "kernel-0000-dead.json"
+    stale = runtime / "kernels" / "kernel-0000-dead.json"
+    stale.parent.mkdir()
     stale.write_text(json.dumps({"shell_port": 1}))
     manager: SessionManager = await start_manager()
     assert not stale.exists()
     assert oct(runtime.stat().st_mode & 0o777) == "0o700"
     info = await manager.kernel_info("s1")
     assert info.connection_file
-    assert info.connection_file.startswith(str(runtime))
+    assert info.connection_file.startswith(str(runtime / "kernels"))
 
 
 async def test_a_second_server_on_the_same_runtime_keeps_live_files(
