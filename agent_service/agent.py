@@ -8,17 +8,20 @@ happens, so a failure anywhere leaves a consistent conversation behind.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import Settings
 from .errors import KernelServiceError, ProviderError, ServiceError
 from .kernel_client import KernelClient, ToolOutcome
 from .llm import ModelAdapter, ModelReply, TextDelta, ToolCallRequest
+from .notebook import build_notebook, write_atomic
 from .prompt_cache import PromptCache
 from .render import ContentRenderer, ImageUrl
 from .store import Event, TranscriptStore
@@ -134,6 +137,7 @@ class Agent:
         self.store.append(sid, turn, "user", {"content": spec.user_content})
         renderer = ContentRenderer(spec.render_mode, spec.image_url)
         usage: dict[str, int] = {}
+        final: TurnEvent | None = None
         try:
             system = await self.prompts.get()
             record = self.store.get_session(sid)
@@ -155,7 +159,7 @@ class Agent:
                     for key, value in reply.usage.items():
                         usage[key] = usage.get(key, 0) + value
                     if not reply.tool_calls or kernel is None:
-                        emit(Finished(reply.finish_reason or "stop", usage))
+                        final = Finished(reply.finish_reason or "stop", usage)
                         return
                     for call in reply.tool_calls:
                         await self._run_tool(sid, turn, call, kernel, messages, renderer, emit)
@@ -165,15 +169,33 @@ class Agent:
             )
             self.store.append(sid, turn, "assistant", {"content": closing, "notice": True})
             emit(Content(renderer.text(f"\n\n{closing}")))
-            emit(Finished("stop", usage))
+            final = Finished("stop", usage)
         except ServiceError as exc:
             self.store.append(sid, turn, "error", {"message": exc.message, "code": exc.code})
-            emit(Failed(exc))
+            final = Failed(exc)
         except Exception:
             logger.exception("session %s: turn %d failed", sid, turn)
             error = ServiceError("The agent failed unexpectedly; the transcript is kept.")
             self.store.append(sid, turn, "error", {"message": error.message, "code": None})
-            emit(Failed(error))
+            final = Failed(error)
+        finally:
+            # The notebook is current before the client hears the turn is over.
+            await asyncio.shield(asyncio.to_thread(self.export_notebook, sid))
+            if final is not None:
+                emit(final)
+
+    def export_notebook(self, sid: str) -> Path | None:
+        """Write notebooks/<session>.ipynb from the transcript; never raises."""
+        try:
+            record = self.store.get_session(sid)
+            if record is None:
+                return None
+            path = self.settings.notebooks_dir / f"{sid}.ipynb"
+            write_atomic(build_notebook(record, self.store.events(sid)), path)
+            return path
+        except Exception:
+            logger.exception("session %s: notebook export failed", sid)
+            return None
 
     async def _model_round(
         self,
@@ -247,7 +269,18 @@ class Agent:
                 raise
         event_id = self._record_tool(sid, turn, call, arguments, outcome)
         emit(Content(renderer.tool_end(call.name, arguments, outcome, event_id)))
+        if call.name == "execute_code" and not outcome.is_error:
+            await self._remember_kernel(sid, kernel)
         messages.append({"role": "tool", "tool_call_id": call.id, "content": _model_text(outcome)})
+
+    async def _remember_kernel(self, sid: str, kernel: Any) -> None:
+        """Keep the kernel's language info once, for the notebook's metadata."""
+        record = self.store.get_session(sid)
+        if record is None or record.kernel_json:
+            return
+        info = await kernel.call("kernel_info", {})
+        if not info.is_error and info.structured:
+            self.store.update_session(sid, kernel_json=json.dumps(info.structured))
 
     def _record_tool(
         self,

@@ -19,10 +19,12 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import notebook
 from .agent import Agent, Content, Failed, Finished, TurnEvent, TurnSpec
 from .config import Settings
 from .errors import (
     InvalidRequest,
+    KernelServiceError,
     ModelNotConfigured,
     NotFound,
     RequestTooLarge,
@@ -330,6 +332,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "deleted": True,
             "kernel_shut_down": kernel_shut_down,
         }
+
+    @app.get("/v1/sessions/{session_id}/notebook", dependencies=[Auth])
+    async def get_notebook(session_id: str, svc: Svc) -> Response:
+        record = _record_or_404(svc, session_id)
+        text = notebook.dumps(notebook.build_notebook(record, svc.store.events(session_id)))
+        return Response(
+            text,
+            media_type=notebook.MEDIA_TYPE,
+            headers={"Content-Disposition": f'attachment; filename="{session_id}.ipynb"'},
+        )
+
+    @app.get("/v1/sessions/{session_id}/kernel", dependencies=[Auth])
+    async def get_kernel(session_id: str, svc: Svc) -> dict[str, Any]:
+        _record_or_404(svc, session_id)
+        outcome = await svc.kernels.call(session_id, "kernel_info", {})
+        if outcome.is_error or not outcome.structured:
+            raise KernelServiceError(f"kernel_info failed: {outcome.text}")
+        return outcome.structured
 
     @app.get("/v1/sessions/{session_id}/outputs/{name}", dependencies=[Auth])
     async def get_output(session_id: str, name: str, svc: Svc) -> Response:

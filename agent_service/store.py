@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     updated REAL NOT NULL,
     model TEXT,
     title TEXT,
-    client_system TEXT
+    client_system TEXT,
+    kernel_json TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -54,7 +55,13 @@ class SessionRecord:
     model: str | None
     title: str | None
     client_system: str | None
+    kernel_json: str | None = None
     turns: int = 0
+
+    @property
+    def kernel(self) -> dict[str, Any]:
+        """What kernel_info reported for this session's kernel (empty if never asked)."""
+        return json.loads(self.kernel_json) if self.kernel_json else {}
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -119,7 +126,7 @@ class TranscriptStore:
         return [SessionRecord(**dict(r)) for r in rows]
 
     def update_session(self, session_id: str, **fields: Any) -> None:
-        allowed = {"model", "title", "client_system"}
+        allowed = {"model", "title", "client_system", "kernel_json"}
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"unknown session fields: {set(fields) - allowed}")
         columns = ", ".join(f"{k} = ?" for k in fields)

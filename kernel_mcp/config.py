@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     )
 
     output_cap_bytes: int = Field(
-        default=4 * 1024 * 1024,
+        default=512 * 1024,
         ge=1024,
         description="Output bytes kept per execution (head and tail); the rest is counted.",
     )
@@ -84,7 +84,12 @@ class Settings(BaseSettings):
         default=20_000, ge=500, description="Text of one result given to the model (head+tail)."
     )
     image_max_bytes: int = Field(
-        default=1_500_000, ge=10_000, description="Larger images are downscaled for the model."
+        default=256_000, ge=10_000, description="Larger images are downscaled for the model."
+    )
+    result_max_bytes: int = Field(
+        default=900_000,
+        ge=64_000,
+        description="Bound of one serialized tool result (MCP clients refuse SSE events > 1 MiB).",
     )
     file_read_bytes: int = Field(default=1_000_000, ge=1)
     file_write_bytes: int = Field(default=10_000_000, ge=1)

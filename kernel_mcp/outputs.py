@@ -32,6 +32,14 @@ def _output_size(output: Output) -> int:
     return size
 
 
+def shrink(outputs: list[Output], cap: int) -> tuple[list[Output], int]:
+    """`outputs` bounded again to `cap` bytes; returns them and the bytes dropped."""
+    collector = OutputCollector(cap)
+    for output in outputs:
+        collector.add_output(output)
+    return collector.outputs(), collector.dropped_bytes
+
+
 def truncation_marker(name: str, dropped_bytes: int, dropped_outputs: int) -> Output:
     """The stream output that stands where output was dropped."""
     parts = [f"{dropped_bytes:,} bytes truncated"]
@@ -106,6 +114,13 @@ class OutputCollector:
                 self._clear()
         elif msg_type == "execute_input":
             self.execution_count = content.get("execution_count")
+
+    def add_output(self, output: Output) -> None:
+        """Take an output that is already in nbformat shape."""
+        if output["output_type"] == "stream":
+            self._add_stream(output["name"], output["text"])
+        else:
+            self._add(dict(output))
 
     # -- results ----------------------------------------------------------
 

@@ -29,6 +29,7 @@ from .backend import Message
 from .config import Settings
 from .errors import CapacityError, FileAccessError, InvalidSessionId, KernelError
 from .files import SessionFiles
+from .outputs import shrink
 from .prompt import system_prompt
 from .rendering import render, strip_ansi
 from .sessions import SessionManager, validate_session_id
@@ -116,6 +117,23 @@ class _LiveOutput:
             self._task.cancel()
 
 
+def _fit_structured(structured: dict[str, Any], budget: int) -> None:
+    """Shrink the outputs in place until the serialized result fits `budget` bytes."""
+    for _ in range(4):
+        size = len(json.dumps(structured))
+        if size <= budget:
+            return
+        keys = ("outputs", "background_outputs")
+        payload = sum(len(json.dumps(structured[k])) for k in keys)
+        cap = max(1024, int(payload * max(budget - (size - payload), 0) / size * 0.9))
+        for key in keys:
+            outputs, dropped = shrink(structured[key], cap if key == "outputs" else cap // 8)
+            structured[key] = outputs
+            structured["truncated_bytes"] += dropped
+            structured["truncated"] = structured["truncated"] or dropped > 0
+    logger.warning("a result still exceeds %d bytes after shrinking", budget)
+
+
 def _tool_error(exc: Exception) -> ToolError:
     if isinstance(exc, CapacityError):
         return ToolError(f"No kernel available: {exc}.")
@@ -191,11 +209,17 @@ def create_server(settings: Settings | None = None) -> FastMCP:
         rendered = render(
             result, text_limit=settings.model_text_chars, image_max_bytes=settings.image_max_bytes
         )
+        structured = result.to_dict()
+        images = rendered.images
+        budget = settings.result_max_bytes - len(json.dumps(rendered.text))
+        image_bytes = sum(len(i.data) for i in images)
+        if image_bytes > budget // 3:
+            images = []  # the full images stay in the structured outputs
+            rendered.text += "\n[images omitted from this message: too large; see outputs]"
+        _fit_structured(structured, budget - sum(len(i.data) for i in images))
         content: list[TextContent | ImageContent] = [TextContent(type="text", text=rendered.text)]
-        content += [
-            ImageContent(type="image", data=i.data, mimeType=i.mime_type) for i in rendered.images
-        ]
-        return ToolResult(content=content, structured_content=result.to_dict())
+        content += [ImageContent(type="image", data=i.data, mimeType=i.mime_type) for i in images]
+        return ToolResult(content=content, structured_content=structured)
 
     @mcp.tool(annotations={"readOnlyHint": True})
     async def list_variables(ctx: Context) -> ToolResult:

@@ -1,0 +1,174 @@
+"""Transcripts as Jupyter notebooks: the only module that imports nbformat.
+
+The notebook is derived from the transcript alone (export never talks to a
+kernel): markdown cells for who said what, a code cell with the kernel's real
+outputs for every execution, and a note wherever a timeout, interrupt or restart
+changed the kernel's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nbformat
+from nbformat import NotebookNode
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from .store import Event, SessionRecord
+
+MEDIA_TYPE = "application/x-ipynb+json"
+_NOTE_STATUSES = {
+    "timeout_interrupted": "Timeout: the code was interrupted",
+    "restarted_state_lost": "Kernel restarted: earlier variables were lost",
+    "kernel_died": "Kernel died and was restarted: earlier variables were lost",
+}
+_OTHER_TOOL_TEXT = 3000
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def _fenced(text: str) -> str:
+    fence = "`" * max(3, max((len(r) for r in text.split("\n") if set(r) == {"`"}), default=0) + 1)
+    return f"{fence}text\n{text.rstrip()}\n{fence}"
+
+
+def _output(raw: dict[str, Any]) -> dict[str, Any]:
+    """An nbformat v4 output from a kernel_mcp output dict."""
+    kind = raw.get("output_type")
+    if kind == "stream":
+        return {"output_type": "stream", "name": raw.get("name", "stdout"), "text": raw["text"]}
+    if kind == "error":
+        return {
+            "output_type": "error",
+            "ename": str(raw.get("ename", "")),
+            "evalue": str(raw.get("evalue", "")),
+            "traceback": [str(line) for line in raw.get("traceback", [])],
+        }
+    output = {
+        "output_type": kind,
+        "data": raw.get("data", {}),
+        "metadata": raw.get("metadata") or {},
+    }
+    if kind == "execute_result":
+        output["execution_count"] = raw.get("execution_count")
+    return output
+
+
+def _code_cells(event: Event) -> list[NotebookNode]:
+    data = event.data
+    result: dict[str, Any] = data.get("structured") or {}
+    cells: list[NotebookNode] = []
+    background = result.get("background_outputs") or []
+    if background:
+        text = "".join(o.get("text", "") for o in background if o.get("output_type") == "stream")
+        cells.append(
+            new_markdown_cell(
+                "_Output printed by background code since the previous execution:_\n\n"
+                + _fenced(text or "(rich output)")
+            )
+        )
+    cell = new_code_cell(
+        source=str(data.get("arguments", {}).get("code", "")),
+        execution_count=result.get("execution_count"),
+        outputs=[nbformat.from_dict(_output(o)) for o in result.get("outputs", [])],
+    )
+    cell.metadata["kernel_agent"] = {
+        "status": result.get("status", "error" if data.get("is_error") else "ok"),
+        "kernel_restarted": bool(result.get("kernel_restarted")),
+        "truncated": bool(result.get("truncated")),
+        "elapsed": result.get("elapsed"),
+        "tool_call_id": data.get("call_id"),
+    }
+    cells.append(cell)
+    status = result.get("status")
+    if status in _NOTE_STATUSES or result.get("state_lost"):
+        title = _NOTE_STATUSES.get(status, "Earlier kernel state was lost")
+        cells.append(new_markdown_cell(f"> **{title}.** {result.get('message') or ''}".rstrip()))
+    elif data.get("is_error") and not result:
+        cells.append(new_markdown_cell(f"> **The execution failed:** {data.get('text', '')}"))
+    return cells
+
+
+def _tool_cell(event: Event) -> NotebookNode:
+    data = event.data
+    args = json.dumps(data.get("arguments", {}), ensure_ascii=False)
+    text = str(data.get("text", ""))
+    if len(text) > _OTHER_TOOL_TEXT:
+        text = text[:_OTHER_TOOL_TEXT] + f"\n[... {len(text) - _OTHER_TOOL_TEXT:,} characters]"
+    label = "failed" if data.get("is_error") else "returned"
+    return new_markdown_cell(f"**Tool** `{data.get('name')}` `{args}` {label}:\n\n{_fenced(text)}")
+
+
+def build_notebook(record: SessionRecord, events: list[Event]) -> NotebookNode:
+    """The session's notebook (nbformat v4)."""
+    cells: list[NotebookNode] = []
+    for event in events:
+        data = event.data
+        if event.type == "user":
+            cells.append(new_markdown_cell(f"**User:**\n\n{data['content']}"))
+        elif event.type == "assistant" and data.get("content"):
+            note = "\n\n_(the answer was cut off by an error)_" if data.get("partial") else ""
+            cells.append(new_markdown_cell(f"**Assistant:**\n\n{data['content']}{note}"))
+        elif event.type == "tool_result":
+            if data.get("name") == "execute_code":
+                cells += _code_cells(event)
+            else:
+                cells.append(_tool_cell(event))
+        elif event.type == "error":
+            cells.append(new_markdown_cell(f"> **Error:** {data.get('message', '')}"))
+    # Ids from the transcript's event ids: the same transcript always gives the same file.
+    for position, cell in enumerate(cells):
+        cell.id = f"cell-{position}"
+    kernel = record.kernel
+    notebook = new_notebook(
+        cells=cells,
+        metadata={
+            "kernelspec": KERNELSPEC,
+            "language_info": kernel.get("language_info") or {"name": "python"},
+            "kernel_agent": {
+                "session_id": record.id,
+                "model": record.model,
+                "title": record.title,
+                "created": _iso(record.created),
+                "updated": _iso(record.updated),
+            },
+        },
+    )
+    return notebook
+
+
+def dumps(notebook: NotebookNode) -> str:
+    return nbformat.writes(notebook, version=4)
+
+
+def validate(notebook: NotebookNode) -> None:
+    """Raise nbformat.ValidationError if the notebook is not valid v4."""
+    nbformat.validate(notebook, version=4)
+
+
+def write_atomic(notebook: NotebookNode, path: Path) -> None:
+    """Write the notebook so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = dumps(notebook)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read(path: Path) -> NotebookNode:
+    return nbformat.read(path, as_version=4)
