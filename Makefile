@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench lab clean
 
 run: $(STAMP)
 	$(BIN)/python scripts/run_stack.py
@@ -19,6 +19,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# JupyterLab on the transcripts, with every live session kernel attachable (optional extra).
+LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+lab: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[lab]'
+	$(BIN)/jupyter lab --no-browser $(LAB_ROOT_FLAG) \
+		--ServerApp.root_dir=notebooks \
+		--ServerApp.allow_external_kernels=True \
+		--ServerApp.external_connection_dir=$${KERNEL_MCP_RUNTIME_DIR:-data/runtime}/kernels
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

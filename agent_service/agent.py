@@ -8,20 +8,18 @@ happens, so a failure anywhere leaves a consistent conversation behind.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .config import Settings
 from .errors import KernelServiceError, ProviderError, ServiceError
+from .exporter import NotebookExporter
 from .kernel_client import KernelClient, ToolOutcome
 from .llm import ModelAdapter, ModelReply, TextDelta, ToolCallRequest
-from .notebook import build_notebook, write_atomic
 from .prompt_cache import PromptCache
 from .render import ContentRenderer, ImageUrl
 from .store import Event, TranscriptStore
@@ -123,12 +121,14 @@ class Agent:
         kernels: KernelClient,
         prompts: PromptCache,
         model: ModelAdapter,
+        exporter: NotebookExporter,
     ) -> None:
         self.settings = settings
         self.store = store
         self.kernels = kernels
         self.prompts = prompts
         self.model = model
+        self.exporter = exporter
 
     async def run_turn(self, spec: TurnSpec, emit: Emit) -> None:
         """Run one turn to its end, emitting content; never raises for expected faults."""
@@ -179,23 +179,9 @@ class Agent:
             self.store.append(sid, turn, "error", {"message": error.message, "code": None})
             final = Failed(error)
         finally:
-            # The notebook is current before the client hears the turn is over.
-            await asyncio.shield(asyncio.to_thread(self.export_notebook, sid))
+            self.exporter.schedule(sid)
             if final is not None:
                 emit(final)
-
-    def export_notebook(self, sid: str) -> Path | None:
-        """Write notebooks/<session>.ipynb from the transcript; never raises."""
-        try:
-            record = self.store.get_session(sid)
-            if record is None:
-                return None
-            path = self.settings.notebooks_dir / f"{sid}.ipynb"
-            write_atomic(build_notebook(record, self.store.events(sid)), path)
-            return path
-        except Exception:
-            logger.exception("session %s: notebook export failed", sid)
-            return None
 
     async def _model_round(
         self,

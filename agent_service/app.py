@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations.
 
+import asyncio
 import base64
 import contextlib
 import hmac
@@ -32,6 +33,7 @@ from .errors import (
     SessionBusy,
     Unauthorized,
 )
+from .exporter import NotebookExporter
 from .kernel_client import KernelClient
 from .llm import ModelAdapter
 from .prompt_cache import PromptCache
@@ -58,7 +60,10 @@ class Services:
             self.kernels.system_prompt, settings.prompt_ttl, settings.fallback_prompt
         )
         self.model = ModelAdapter(settings)
-        self.agent = Agent(settings, self.store, self.kernels, self.prompts, self.model)
+        self.exporter = NotebookExporter(self.store, settings.notebooks_dir)
+        self.agent = Agent(
+            settings, self.store, self.kernels, self.prompts, self.model, self.exporter
+        )
         self.turns = TurnRegistry()
 
 
@@ -155,8 +160,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = services
         warm = None
         if settings.model:
-            import asyncio
-
             warm = asyncio.create_task(services.model.warm_up())
         logger.info(
             "agent_service ready: model %s, kernel_mcp %s, data %s",
@@ -168,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await services.turns.close()
+            await services.exporter.flush()
             if warm is not None and not warm.done():
                 warm.cancel()
             services.store.close()
@@ -336,7 +340,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/sessions/{session_id}/notebook", dependencies=[Auth])
     async def get_notebook(session_id: str, svc: Svc) -> Response:
         record = _record_or_404(svc, session_id)
-        text = notebook.dumps(notebook.build_notebook(record, svc.store.events(session_id)))
+        events = svc.store.events(session_id)
+        text = await asyncio.to_thread(
+            lambda: notebook.dumps(notebook.build_notebook(record, events))
+        )
         return Response(
             text,
             media_type=notebook.MEDIA_TYPE,

@@ -18,7 +18,6 @@ from typing import Any
 
 import nbformat
 from nbformat import NotebookNode
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from .store import Event, SessionRecord
 
@@ -30,6 +29,24 @@ _NOTE_STATUSES = {
 }
 _OTHER_TOOL_TEXT = 3000
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+
+
+Cell = dict[str, Any]
+
+
+def new_markdown_cell(source: str) -> Cell:
+    # Plain dicts: nbformat's own cell builders validate every cell (seconds per 1,000).
+    return {"cell_type": "markdown", "metadata": {}, "source": source}
+
+
+def new_code_cell(source: str, execution_count: int | None, outputs: list[Any]) -> Cell:
+    return {
+        "cell_type": "code",
+        "metadata": {},
+        "source": source,
+        "execution_count": execution_count,
+        "outputs": outputs,
+    }
 
 
 def _iso(timestamp: float) -> str:
@@ -63,10 +80,10 @@ def _output(raw: dict[str, Any]) -> dict[str, Any]:
     return output
 
 
-def _code_cells(event: Event) -> list[NotebookNode]:
+def _code_cells(event: Event) -> list[Cell]:
     data = event.data
     result: dict[str, Any] = data.get("structured") or {}
-    cells: list[NotebookNode] = []
+    cells: list[Cell] = []
     background = result.get("background_outputs") or []
     if background:
         text = "".join(o.get("text", "") for o in background if o.get("output_type") == "stream")
@@ -79,9 +96,9 @@ def _code_cells(event: Event) -> list[NotebookNode]:
     cell = new_code_cell(
         source=str(data.get("arguments", {}).get("code", "")),
         execution_count=result.get("execution_count"),
-        outputs=[nbformat.from_dict(_output(o)) for o in result.get("outputs", [])],
+        outputs=[_output(o) for o in result.get("outputs", [])],
     )
-    cell.metadata["kernel_agent"] = {
+    cell["metadata"]["kernel_agent"] = {
         "status": result.get("status", "error" if data.get("is_error") else "ok"),
         "kernel_restarted": bool(result.get("kernel_restarted")),
         "truncated": bool(result.get("truncated")),
@@ -98,7 +115,7 @@ def _code_cells(event: Event) -> list[NotebookNode]:
     return cells
 
 
-def _tool_cell(event: Event) -> NotebookNode:
+def _tool_cell(event: Event) -> Cell:
     data = event.data
     args = json.dumps(data.get("arguments", {}), ensure_ascii=False)
     text = str(data.get("text", ""))
@@ -110,7 +127,7 @@ def _tool_cell(event: Event) -> NotebookNode:
 
 def build_notebook(record: SessionRecord, events: list[Event]) -> NotebookNode:
     """The session's notebook (nbformat v4)."""
-    cells: list[NotebookNode] = []
+    cells: list[Cell] = []
     for event in events:
         data = event.data
         if event.type == "user":
@@ -127,11 +144,13 @@ def build_notebook(record: SessionRecord, events: list[Event]) -> NotebookNode:
             cells.append(new_markdown_cell(f"> **Error:** {data.get('message', '')}"))
     # Ids from the transcript's event ids: the same transcript always gives the same file.
     for position, cell in enumerate(cells):
-        cell.id = f"cell-{position}"
+        cell["id"] = f"cell-{position}"
     kernel = record.kernel
-    notebook = new_notebook(
-        cells=cells,
-        metadata={
+    notebook = {
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "cells": cells,
+        "metadata": {
             "kernelspec": KERNELSPEC,
             "language_info": kernel.get("language_info") or {"name": "python"},
             "kernel_agent": {
@@ -142,8 +161,8 @@ def build_notebook(record: SessionRecord, events: list[Event]) -> NotebookNode:
                 "updated": _iso(record.updated),
             },
         },
-    )
-    return notebook
+    }
+    return nbformat.from_dict(notebook)
 
 
 def dumps(notebook: NotebookNode) -> str:

@@ -27,7 +27,7 @@ serves from its own thread (uvicorn, its own loop). Kernels are separate process
 
 Run: ``.venv/bin/python bench/agent_service.py`` (``--profile`` adds a cProfile of the
 measured turns on stderr). Prints one JSON line on stdout; progress goes to stderr. Takes
-about 10 s, uses a temporary `/tmp/ka-*` folder, stops both servers and every kernel.
+about 12 s, uses a temporary `/tmp/ka-*` folder, stops both servers and every kernel.
 """
 
 from __future__ import annotations

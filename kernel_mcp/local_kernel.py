@@ -35,6 +35,7 @@ _LAUNCHER = str(Path(__file__).with_name("_kernel_launcher.py"))
 # The name written into connection files: JupyterLab shows attached kernels as Python 3.
 _KERNEL_NAME = "python3"
 _OUTPUT_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
+_READ_RECHECK = 0.5  # seconds
 _IPC_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "-<port>"
 
 
@@ -219,7 +220,9 @@ class LocalKernel(KernelConnection):
     async def _read(self, channel: Any, *, iopub: bool) -> None:
         while True:
             try:
-                msg = await channel.get_msg()
+                # A bounded wait: each timeout re-checks the socket for real (zmq.EVENTS),
+                # so a wake-up lost on ZeroMQ's edge-triggered descriptor costs at most this.
+                msg = await channel.get_msg(timeout=_READ_RECHECK)
             except Empty:
                 continue
             except asyncio.CancelledError:
@@ -235,10 +238,13 @@ class LocalKernel(KernelConnection):
                 if iopub and self.on_orphan and msg["header"]["msg_type"] in _OUTPUT_TYPES:
                     self.on_orphan(msg)
                 continue
-            if iopub:
-                listener.on_iopub(msg)
-            else:
-                listener.on_reply(msg)
+            try:
+                if iopub:
+                    listener.on_iopub(msg)
+                else:
+                    listener.on_reply(msg)
+            except Exception:  # a listener bug must not stop the reader, or every call hangs
+                logger.exception("kernel %s: message handler failed", self.kernel_id)
 
     def _lose_all(self, reason: str) -> None:
         listeners, self._listeners = self._listeners, {}

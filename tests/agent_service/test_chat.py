@@ -344,3 +344,11 @@ async def test_health_reports_kernel_mcp_and_model(stack: Stack) -> None:
         health = (await http.get("/health")).json()
     assert health["status"] == "degraded"
     assert health["kernel_mcp"]["reachable"] is False
+
+
+async def test_back_to_back_turns_are_never_busy(stack: Stack) -> None:
+    for i in range(6):
+        stack.llm.script(ToolCall("execute_code", {"code": f"n = {i}"}), Text(f"set {i}"))
+    for i in range(6):  # the next message right after [DONE]
+        content, _ = await stream_turn(stack, "b2b-1", f"set {i}")
+        assert content.endswith(f"set {i}")

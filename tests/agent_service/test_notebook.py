@@ -27,6 +27,18 @@ pytestmark = pytest.mark.kernel
 KERNEL_AGENT = Path(sys.executable).with_name("kernel-agent")
 
 
+async def on_disk(path: Path, code_cells: int, within: float = 10) -> nbformat.NotebookNode:
+    """The notebook file once the background export has written `code_cells` code cells."""
+    deadline = time.monotonic() + within
+    while True:
+        if path.exists():
+            notebook = nbformat.read(path, as_version=4)
+            if sum(c.cell_type == "code" for c in notebook.cells) >= code_cells:
+                return notebook
+        assert time.monotonic() < deadline, f"{path} was not written"
+        await asyncio.sleep(0.02)
+
+
 async def _notebook(stack: Stack, session: str) -> tuple[httpx.Response, nbformat.NotebookNode]:
     async with httpx.AsyncClient(base_url=stack.agent.url) as http:
         response = await http.get(f"/v1/sessions/{session}/notebook")
@@ -73,8 +85,9 @@ async def test_export_matches_the_transcript_with_real_outputs(stack: Stack) -> 
     assert meta.language_info.version.startswith("3.")
     assert meta.kernel_agent.session_id == "nb-1"
     assert meta.kernel_agent.model == "kernel-agent"
-    on_disk = stack.agent_settings.notebooks_dir / "nb-1.ipynb"
-    assert nbformat.read(on_disk, as_version=4) == notebook
+    written = await on_disk(stack.agent_settings.notebooks_dir / "nb-1.ipynb", 2)
+    assert written.cells == notebook.cells
+    assert written.metadata.kernel_agent.session_id == "nb-1"
 
 
 async def test_timeouts_restarts_and_odd_bytes_validate(stack: Stack) -> None:
@@ -116,6 +129,7 @@ async def test_notebook_file_is_never_half_written(stack: Stack) -> None:
     task = asyncio.create_task(reader())
     for i in range(4):
         await stream_turn(stack, "nb-atomic", f"turn {i}")
+    await on_disk(path, 4)
     done.set()
     await task
     assert reads > 0
@@ -166,6 +180,7 @@ async def test_deterministic_session_replays_clean_and_tampering_is_caught(
     )
     await stream_turn(stack, "nb-replay", "compute")
     path = stack.agent_settings.notebooks_dir / "nb-replay.ipynb"
+    await on_disk(path, 4)
     clean = subprocess.run(
         [str(KERNEL_AGENT), "replay", str(path)], capture_output=True, text=True, timeout=120
     )

@@ -180,7 +180,7 @@ async def test_ten_sessions_start_concurrently(manager: SessionManager) -> None:
     results = await asyncio.gather(
         *(manager.execute(s, f"import os; print({i}, os.getpid())") for i, s in enumerate(ids))
     )
-    assert all(r.status == "ok" for r in results)
+    assert [r.status for r in results] == ["ok"] * 10, [r.message for r in results]
     printed = [text_of(r.outputs).split() for r in results]
     assert [int(p[0]) for p in printed] == list(range(10))
     assert len({p[1] for p in printed}) == 10, "each session has its own kernel process"
