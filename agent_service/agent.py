@@ -98,6 +98,9 @@ def transcript_messages(events: list[Event]) -> list[dict[str, Any]]:
                 ]
                 pending.update({c["id"]: c["name"] for c in calls})
             messages.append(message)
+        elif event.type == "tool_result" and data.get("direct"):
+            close_pending()
+            messages.append({"role": "user", "content": _direct_note(data)})
         elif event.type == "tool_result" and data["call_id"] in pending:
             del pending[data["call_id"]]
             messages.append(
@@ -105,6 +108,15 @@ def transcript_messages(events: list[Event]) -> list[dict[str, Any]]:
             )
     close_pending()
     return messages
+
+
+def _direct_note(data: dict[str, Any]) -> str:
+    """How the model learns of code the user ran in the kernel themselves."""
+    code = str(data.get("arguments", {}).get("code", ""))
+    return (
+        "[I ran this code in the kernel myself; its state is now part of the session]\n"
+        f"```python\n{code}\n```\nOutput:\n```\n{data.get('text', '')}\n```"
+    )
 
 
 def _model_text(outcome: ToolOutcome) -> str:
@@ -258,6 +270,40 @@ class Agent:
         if call.name == "execute_code" and not outcome.is_error:
             await self._remember_kernel(sid, kernel)
         messages.append({"role": "tool", "tool_call_id": call.id, "content": _model_text(outcome)})
+
+    async def execute_direct(
+        self, sid: str, code: str, timeout: float | None
+    ) -> tuple[int, ToolOutcome]:
+        """Run code the user typed (no model), recorded like any execution."""
+        turn = self.store.last_turn(sid) + 1
+        arguments: dict[str, Any] = {"code": code}
+        if timeout is not None:
+            arguments["timeout"] = timeout
+        try:
+            async with self.kernels.session(sid) as kernel:
+                outcome = await kernel.call("execute_code", arguments)
+                if not outcome.is_error:
+                    await self._remember_kernel(sid, kernel)
+        except KernelServiceError as exc:
+            self.store.append(sid, turn, "error", {"message": exc.message, "code": exc.code})
+            raise
+        call = ToolCallRequest(id=f"direct-{turn}", name="execute_code", arguments="")
+        event_id = self.store.append(
+            sid,
+            turn,
+            "tool_result",
+            {
+                "call_id": call.id,
+                "name": call.name,
+                "arguments": arguments,
+                "text": _model_text(outcome),
+                "is_error": outcome.is_error,
+                "structured": outcome.structured,
+                "direct": True,
+            },
+        )
+        self.exporter.schedule(sid)
+        return event_id, outcome
 
     async def _remember_kernel(self, sid: str, kernel: Any) -> None:
         """Keep the kernel's language info once, for the notebook's metadata."""

@@ -37,7 +37,8 @@ from .exporter import NotebookExporter
 from .kernel_client import KernelClient
 from .llm import ModelAdapter
 from .prompt_cache import PromptCache
-from .schemas import ChatCompletionRequest, Completion
+from .render import image_names
+from .schemas import ChatCompletionRequest, Completion, ExecuteRequest
 from .store import TranscriptStore
 from .turns import TurnRegistry
 
@@ -336,6 +337,54 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "deleted": True,
             "kernel_shut_down": kernel_shut_down,
         }
+
+    @app.post("/v1/sessions/{session_id}/execute", dependencies=[Auth])
+    async def execute(
+        session_id: str, body: ExecuteRequest, request: Request, svc: Svc
+    ) -> JSONResponse:
+        """Run code in the session's kernel without the model (created if new)."""
+        if not _SESSION_ID.fullmatch(session_id):
+            raise InvalidRequest("invalid session id", param="session_id")
+        headers = {"X-Session-Id": session_id}
+        if svc.turns.busy(session_id):
+            return _error_response(
+                SessionBusy(f"session {session_id} is running a turn; run code afterwards"),
+                headers,
+            )
+        if svc.store.get_session(session_id) is None:
+            svc.store.create_session(session_id, settings.model_alias)
+            svc.store.update_session(session_id, title=body.code.strip().splitlines()[0][:80])
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def run(_emit: Any) -> None:
+            try:
+                done.set_result(await svc.agent.execute_direct(session_id, body.code, body.timeout))
+            except BaseException as exc:
+                done.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+
+        svc.turns.start(session_id, run)  # the session is busy while the code runs
+        event_id, outcome = await asyncio.shield(done)
+        result = outcome.structured or {}
+        base = str(request.base_url)
+        images = [
+            f"{base}v1/sessions/{session_id}/outputs/{name}"
+            for name in image_names(event_id, result.get("outputs", []))
+        ]
+        return JSONResponse(
+            {
+                "session_id": session_id,
+                "status": result.get("status", "error" if outcome.is_error else "ok"),
+                "execution_count": result.get("execution_count"),
+                "text": outcome.text,
+                "is_error": outcome.is_error,
+                "outputs": result.get("outputs", []),
+                "images": images,
+                "message": result.get("message"),
+            },
+            headers=headers,
+        )
 
     @app.get("/v1/sessions/{session_id}/notebook", dependencies=[Auth])
     async def get_notebook(session_id: str, svc: Svc) -> Response:

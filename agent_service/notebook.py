@@ -93,6 +93,8 @@ def _code_cells(event: Event) -> list[Cell]:
                 + _fenced(text or "(rich output)")
             )
         )
+    if data.get("direct"):
+        cells.append(new_markdown_cell("_Run by the user in the session's kernel:_"))
     cell = new_code_cell(
         source=str(data.get("arguments", {}).get("code", "")),
         execution_count=result.get("execution_count"),

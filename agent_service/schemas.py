@@ -41,6 +41,13 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
 
 
+class ExecuteRequest(BaseModel):
+    """Body of POST /v1/sessions/{id}/execute."""
+
+    code: str = Field(min_length=1, max_length=1_000_000)
+    timeout: float | None = Field(default=None, gt=0, le=3600)
+
+
 class Completion:
     """Builds the chunks and the final body of one completion."""
 

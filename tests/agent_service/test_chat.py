@@ -352,3 +352,28 @@ async def test_back_to_back_turns_are_never_busy(stack: Stack) -> None:
     for i in range(6):  # the next message right after [DONE]
         content, _ = await stream_turn(stack, "b2b-1", f"set {i}")
         assert content.endswith(f"set {i}")
+
+
+async def test_direct_execution_is_recorded_and_seen_by_the_model(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.agent.url, timeout=60) as http:
+        response = await http.post(
+            "/v1/sessions/direct-1/execute",
+            json={
+                "code": "import matplotlib.pyplot as plt\ntotal = 41 + 1\nplt.plot([1, 2])\ntotal"
+            },
+        )
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert result["status"] == "ok"
+        value = [o for o in result["outputs"] if o["output_type"] == "execute_result"]
+        assert value[0]["data"]["text/plain"] == "42"
+        assert len(result["images"]) == 1
+        assert (await http.get(result["images"][0])).content.startswith(b"\x89PNG")
+        bad = await http.post("/v1/sessions/direct-1/execute", json={"code": ""})
+        assert bad.status_code == 400
+    stack.llm.script(ToolCall("execute_code", {"code": "total * 2"}), Text("84."))
+    content, _ = await stream_turn(stack, "direct-1", "double it")
+    assert "```text\n84\n```" in content
+    first_request = stack.llm.requests[0]["messages"]
+    assert "total = 41 + 1" in first_request[1]["content"]
+    assert first_request[1]["role"] == "user"
