@@ -294,6 +294,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ping=int(settings.sse_ping),
         )
 
+    @app.get("/v1/skills", dependencies=[Auth])
+    async def skills(svc: Svc) -> dict[str, Any]:
+        return {"object": "list", "data": await svc.kernels.skills()}
+
     @app.get("/admin/cache-stats", dependencies=[Auth])
     async def cache_stats(svc: Svc) -> dict[str, Any]:
         return svc.prompts.stats()

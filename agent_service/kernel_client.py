@@ -145,6 +145,21 @@ class KernelClient:
             result = await client.get_prompt("agent_system_prompt")
         return "\n".join(m.content.text for m in result.messages if m.content.type == "text")
 
+    async def skills(self) -> list[dict[str, str]]:
+        """Name and description of each skill kernel_mcp serves (its skill:// resources)."""
+        try:
+            async with self._client(None) as client:
+                resources = await client.list_resources()
+        except Exception as exc:
+            raise KernelServiceError(f"could not list skills: {exc}") from exc
+        skills = []
+        for resource in resources:
+            uri = str(resource.uri)
+            if uri.startswith("skill://") and uri.endswith("/SKILL.md"):
+                name = uri.removeprefix("skill://").removesuffix("/SKILL.md")
+                skills.append({"name": name, "description": resource.description or ""})
+        return sorted(skills, key=lambda s: s["name"])
+
     async def call(self, session_id: str, name: str, arguments: dict[str, Any]) -> ToolOutcome:
         """One tool call on its own connection (for admin routes)."""
         async with self.session(session_id) as session:

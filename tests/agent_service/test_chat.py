@@ -377,3 +377,12 @@ async def test_direct_execution_is_recorded_and_seen_by_the_model(stack: Stack) 
     first_request = stack.llm.requests[0]["messages"]
     assert "total = 41 + 1" in first_request[1]["content"]
     assert first_request[1]["role"] == "user"
+
+
+async def test_skills_are_listed(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        skills = (await http.get("/v1/skills")).json()["data"]
+    names = [s["name"] for s in skills]
+    assert names == sorted(names)
+    assert {"sympy-math", "pandas-data-analysis", "matplotlib-plotting", "data-files"} <= set(names)
+    assert all(s["description"] for s in skills)
