@@ -25,7 +25,7 @@ Everything runs in this process: kernel_mcp and agent_service are uvicorn server
 asyncio event loop, together with the openai client and the floor clients; the fake LLM
 serves from its own thread (uvicorn, its own loop). Kernels are separate processes.
 
-Run: ``.venv/bin/python bench/agent_service.py`` (``--profile`` adds a cProfile of the
+Run: ``.venv/bin/python bench/agent_turn.py`` (``--profile`` adds a cProfile of the
 measured turns on stderr). Prints one JSON line on stdout; progress goes to stderr. Takes
 about 12 s, uses a temporary `/tmp/ka-*` folder, stops both servers and every kernel.
 """
