@@ -34,7 +34,8 @@ def _output_size(output: Output) -> int:
 
 def shrink(outputs: list[Output], cap: int) -> tuple[list[Output], int]:
     """`outputs` bounded again to `cap` bytes; returns them and the bytes dropped."""
-    collector = OutputCollector(cap)
+    # Mostly head: whole images are kept in order as far as they fit.
+    collector = OutputCollector(cap, head_share=0.75)
     for output in outputs:
         collector.add_output(output)
     return collector.outputs(), collector.dropped_bytes
@@ -55,8 +56,8 @@ def truncation_marker(name: str, dropped_bytes: int, dropped_outputs: int) -> Ou
 class OutputCollector:
     """Accumulates one execution's outputs, bounded by `cap` bytes."""
 
-    def __init__(self, cap: int) -> None:
-        self._head_budget = cap // 2
+    def __init__(self, cap: int, head_share: float = 0.5) -> None:
+        self._head_budget = int(cap * head_share)
         self._tail_budget = cap - self._head_budget
         self._head: list[Output] = []
         self._head_bytes = 0

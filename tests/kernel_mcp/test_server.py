@@ -333,3 +333,33 @@ async def test_shutdown_kernel_frees_it_and_next_call_starts_fresh(
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
         result = await run(client, "'kept' in globals()")
         assert result.content[0].text == "False"
+
+
+async def test_large_images_are_downscaled_and_results_stay_under_a_mebibyte(
+    serve_http: Callable[..., Any],
+) -> None:
+    base = await serve_http(image_max_bytes=100_000, output_cap_bytes=4 * 1024 * 1024)
+    code = (
+        "import numpy as np, io\nfrom PIL import Image\nfrom IPython.display import display\n"
+        "rng = np.random.default_rng(0)\n"
+        "for _ in range(4):\n"
+        "    buf = io.BytesIO()\n"
+        "    pixels = rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)\n"
+        "    Image.fromarray(pixels).save(buf, 'PNG')\n"
+        "    display(Image.open(io.BytesIO(buf.getvalue())))"
+    )
+    async with http_client(base, "big-images") as client:
+        result = await run(client, code, timeout=60)
+    assert result.structured_content["status"] == "ok"
+    images = [c for c in result.content if c.type == "image"]
+    for image in images:
+        assert image.mime_type == "image/jpeg"
+        assert len(image.data) <= 100_000
+    import json
+
+    size = len(json.dumps(result.structured_content)) + sum(len(i.data) for i in images)
+    assert size < 1024 * 1024
+    kept = [o for o in result.structured_content["outputs"] if "image/png" in o.get("data", {})]
+    assert kept, [
+        (o["output_type"], list(o.get("data", {}))) for o in result.structured_content["outputs"]
+    ]
