@@ -386,3 +386,107 @@ async def test_skills_are_listed(stack: Stack) -> None:
     assert names == sorted(names)
     assert {"sympy-math", "pandas-data-analysis", "matplotlib-plotting", "data-files"} <= set(names)
     assert all(s["description"] for s in skills)
+
+
+async def test_session_sources_in_order_and_history_import(stack: Stack) -> None:
+    stack.llm.script(Text("a"), Text("b"), Text("c"), Text("d"))
+    client = stack.client()
+    messages = [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "earlier question"},
+        {"role": "assistant", "content": "earlier answer"},
+        {"role": "user", "content": "new question"},
+    ]
+    raw = await client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=messages,
+        metadata={"session_id": "from-metadata"},
+        extra_headers={"X-OpenWebUI-Chat-Id": "from-openwebui"},
+    )
+    assert raw.headers["x-session-id"] == "from-metadata"
+    sent = stack.llm.requests[0]["messages"]
+    assert sent[0]["role"] == "system"
+    assert "sympy-math" in sent[0]["content"], "the skills prompt comes first"
+    assert sent[1] == {"role": "system", "content": "Answer in French."}
+    assert [m["content"] for m in sent[2:]] == [
+        "earlier question",
+        "earlier answer",
+        "new question",
+    ]
+    raw = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, extra_headers={"X-OpenWebUI-Chat-Id": "owui-1"}
+    )
+    assert raw.headers["x-session-id"] == "owui-1"
+    raw = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, extra_headers={"X-Conversation-Id": "conv-9"}
+    )
+    assert raw.headers["x-session-id"] == "conv-9"
+    # an existing session takes only the last user message from the request
+    await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "ignored"}, {"role": "user", "content": "only this"}],
+        extra_headers={"X-Session-Id": "conv-9"},
+    )
+    users = [m["content"] for m in stack.llm.requests[-1]["messages"] if m["role"] == "user"]
+    assert users == ["earlier question", "new question", "only this"]
+
+
+async def test_openwebui_render_mode(stack: Stack) -> None:
+    stack.llm.script(ToolCall("execute_code", {"code": "print('hi')"}), Text("Done."))
+    client = stack.client()
+    completion = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "go"}],
+        extra_headers={"X-Render-Mode": "openwebui"},
+    )
+    content = completion.choices[0].message.content
+    assert content.startswith('<details type="code_interpreter" done="true" output="hi">')
+    assert "```python\nprint('hi')\n```" in content
+    assert "</details>" in content
+    assert content.endswith("Done.")
+
+
+async def test_delete_session_shuts_its_kernel(stack: Stack) -> None:
+    stack.llm.script(ToolCall("execute_code", {"code": "import os; os.getpid()"}), Text("ok"))
+    await stream_turn(stack, "del-1", "pid?")
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        info = (await http.get("/v1/sessions/del-1/kernel")).json()
+        deleted = (await http.delete("/v1/sessions/del-1")).json()
+        assert deleted == {
+            "id": "del-1",
+            "object": "session",
+            "deleted": True,
+            "kernel_shut_down": True,
+        }
+        assert (await http.get("/v1/sessions/del-1")).status_code == 404
+        assert (await http.delete("/v1/sessions/del-1")).status_code == 404
+    import psutil
+
+    pid = info["pid"]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+async def test_provider_500_before_streaming_is_retried(stack: Stack) -> None:
+    stack.llm.script(Error(500, "boom"), Text("Recovered."))
+    content, _ = await stream_turn(stack, "r500-1", "hi")
+    assert content == "Recovered."
+
+
+async def test_tool_rounds_are_bounded(start_stack) -> None:
+    stack: Stack = await start_stack(max_tool_rounds=2)
+    stack.llm.script(
+        ToolCall("execute_code", {"code": "1"}), ToolCall("execute_code", {"code": "2"})
+    )
+    content, _ = await stream_turn(stack, "rounds-1", "loop")
+    assert content.rstrip().endswith("Ask me to continue, or narrow the task.")
+    assert len(stack.llm.requests) == 2
+
+
+async def test_invalid_tool_arguments_are_fed_back(stack: Stack) -> None:
+    from tests.support.fake_llm import ToolCall as Call
+
+    stack.llm.script(Call("execute_code", "{not json"), Text("Sorry."))
+    content, _ = await stream_turn(stack, "badargs-1", "go")
+    assert content.endswith("Sorry.")
+    tool = next(m for m in stack.llm.requests[1]["messages"] if m["role"] == "tool")
+    assert "not valid JSON" in tool["content"]
