@@ -30,10 +30,11 @@ lab: $(STAMP)
 		--ServerApp.external_connection_dir=$${KERNEL_MCP_RUNTIME_DIR:-data/runtime}/kernels
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python bench/kernel_layer.py
+	for b in kernel_layer mcp_server agent_turn notebook_export; do \
+		[ -f bench/$$b.py ] || continue; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) data

@@ -56,7 +56,7 @@ async def _ignore_log(message: Any) -> None:
 class KernelSession:
     """An open MCP connection bound to one session's kernel."""
 
-    def __init__(self, client: Client, settings: Settings) -> None:
+    def __init__(self, client: Client[Any], settings: Settings) -> None:
         self._client = client
         self._settings = settings
 
@@ -81,7 +81,7 @@ class KernelSession:
     ) -> ToolOutcome:
         """Call a tool; live output (progress messages) goes to `on_output`."""
 
-        async def progress(_progress: float, _total: float | None, message: str | None) -> None:
+        async def progress(progress: float, total: float | None, message: str | None) -> None:
             if message and on_output is not None:
                 await on_output(message)
 
@@ -105,7 +105,7 @@ class KernelClient:
         # One TLS context for all connections: building one per client costs ~16 ms of CPU.
         self._tls = ssl.create_default_context()
 
-    def _client(self, session_id: str | None) -> Client:
+    def _client(self, session_id: str | None) -> Client[Any]:
         headers = {"X-Session-Id": session_id} if session_id else {}
         token = self._settings.mcp_token.get_secret_value() if self._settings.mcp_token else None
         transport = StreamableHttpTransport(
@@ -128,7 +128,7 @@ class KernelClient:
         """A connection whose tool calls reach `session_id`'s kernel."""
         client = self._client(session_id)
         try:
-            await client.__aenter__()
+            await client.__aenter__()  # type: ignore[no-untyped-call]  # fastmcp leaves it untyped
         except Exception as exc:
             raise KernelServiceError(
                 f"the kernel service at {self._settings.mcp_url} is unreachable: {exc}"
@@ -137,7 +137,7 @@ class KernelClient:
             yield KernelSession(client, self._settings)
         finally:
             with contextlib.suppress(Exception):
-                await client.__aexit__(None, None, None)
+                await client.__aexit__(None, None, None)  # type: ignore[no-untyped-call]
 
     async def system_prompt(self) -> str:
         """Fetch the `agent_system_prompt` prompt."""

@@ -110,7 +110,7 @@ def _code_cells(event: Event) -> list[Cell]:
     cells.append(cell)
     status = result.get("status")
     if status in _NOTE_STATUSES or result.get("state_lost"):
-        title = _NOTE_STATUSES.get(status, "Earlier kernel state was lost")
+        title = _NOTE_STATUSES.get(str(status), "Earlier kernel state was lost")
         cells.append(new_markdown_cell(f"> **{title}.** {result.get('message') or ''}".rstrip()))
     elif data.get("is_error") and not result:
         cells.append(new_markdown_cell(f"> **The execution failed:** {data.get('text', '')}"))

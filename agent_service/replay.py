@@ -101,9 +101,7 @@ async def replay(
             if meta.get("status") in _SKIPPED_STATUSES:
                 reports.append(CellReport(index, "skipped", f"recorded {meta['status']}"))
                 if meta.get("kernel_restarted"):
-                    assert client.km is not None
-                    await client.km.restart_kernel(now=True)
-                    await client.kc.wait_for_ready(timeout=timeout)
+                    await _restart(client, timeout)
                 continue
             try:
                 await client.async_execute_cell(cell, index)
@@ -113,6 +111,14 @@ async def replay(
             detail = _difference(expected[index], _signature(cell.outputs))
             reports.append(CellReport(index, "differs" if detail else "match", detail))
     return reports
+
+
+async def _restart(client: NotebookClient, timeout: float) -> None:
+    """Restart the replay kernel, as the transcript's kernel was restarted."""
+    km: Any = client.km
+    kc: Any = client.kc
+    await km.restart_kernel(now=True)
+    await kc.wait_for_ready(timeout=timeout)
 
 
 def replay_sync(path: Path, **kwargs: Any) -> list[CellReport]:

@@ -175,7 +175,7 @@ class LocalKernel(KernelConnection):
     # -- requests -------------------------------------------------------------
 
     def execute(self, code: str, listener: ExecutionListener, *, silent: bool = False) -> str:
-        msg_id = self._kc.execute(
+        msg_id: str = self._kc.execute(
             code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=True
         )
         self._listeners[msg_id] = listener
@@ -345,8 +345,8 @@ class LocalBackend(KernelBackend):
             logger.info("another server uses %s; stale files are left to it", runtime)
         else:
             stale = [p for p in runtime.iterdir() if p.name.startswith(("kernel-", "k-"))]
-            for folder in (self._settings.connection_dir, self._settings.pool_connection_dir):
-                stale += list(folder.iterdir())
+            for files in (self._settings.connection_dir, self._settings.pool_connection_dir):
+                stale += list(files.iterdir())
             for path in stale:
                 with contextlib.suppress(OSError):
                     path.unlink()

@@ -218,7 +218,7 @@ def create_server(settings: Settings | None = None) -> FastMCP:
             rendered.text += "\n[images omitted from this message: too large; see outputs]"
         _fit_structured(structured, budget - sum(len(i.data) for i in images))
         content: list[TextContent | ImageContent] = [TextContent(type="text", text=rendered.text)]
-        content += [ImageContent(type="image", data=i.data, mimeType=i.mime_type) for i in images]
+        content += [ImageContent(type="image", data=i.data, mime_type=i.mime_type) for i in images]
         return ToolResult(content=content, structured_content=structured)
 
     @mcp.tool(annotations={"readOnlyHint": True})
