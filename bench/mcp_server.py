@@ -15,7 +15,7 @@ in production, where the MCP client is another program. The target is
 `mcp_execute_p50 <= 1.15 * (kernel_p50 + echo_p50)`.
 
 Run: ``.venv/bin/python bench/mcp_server.py``. Prints one JSON line on stdout; progress
-goes to stderr. Takes about 15 s, uses a temporary `/tmp/ka-*` folder and stops both
+goes to stderr. Takes about 10 s, uses a temporary `/tmp/ka-*` folder and stops both
 servers and every kernel they started.
 """
 
@@ -118,7 +118,7 @@ async def server_process(
     """Run `python *args` until the block ends; SIGTERM, then kill whatever is left.
 
     The server's descendants (kernels start in sessions of their own, so a process-group
-    kill would miss them) are recorded while it runs and must all be gone afterwards.
+    kill would miss them) are recorded just before it is stopped and must be gone after.
     """
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
@@ -175,7 +175,7 @@ async def _stop(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
-    survivors = [p for p in descendants.values() if p.is_running() and p.status() != "zombie"]
+    survivors = [p for p in descendants.values() if _alive(p)]
     if survivors:
         logger.error(
             "%s server left %d processes running (%s); killing them. Server log: %s",
@@ -188,6 +188,13 @@ async def _stop(
             with contextlib.suppress(psutil.Error):
                 p.kill()
     logger.info("%s server stopped (exit %s)", name, proc.returncode)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _tail(log: Path, chars: int = 2000) -> str:

@@ -13,7 +13,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +46,9 @@ class ExecutionResult:
     """Output printed between calls by code still running in the background (threads)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: outputs are never mutated after the result is made, and a deep
+        # copy (dataclasses.asdict) costs ~9 ms for 1,000 display outputs.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class _Execution:
@@ -108,13 +110,18 @@ async def _wait_done(execution: _Execution, timeout: float) -> bool:
     """Wait for reply+idle; True when finished (or lost) before `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    try:
-        await asyncio.wait_for(execution.replied.wait(), timeout)
-    except TimeoutError:
-        return False
+    if not execution.replied.is_set():
+        try:
+            async with asyncio.timeout(timeout):
+                await execution.replied.wait()
+        except TimeoutError:
+            return False
+    if execution.done.is_set():
+        return True
     remaining = max(0.0, deadline - loop.time())
     try:
-        await asyncio.wait_for(execution.done.wait(), min(_IOPUB_GRACE, remaining) or 0.01)
+        async with asyncio.timeout(min(_IOPUB_GRACE, remaining) or 0.01):
+            await execution.done.wait()
     except TimeoutError:
         if remaining <= _IOPUB_GRACE and execution.reply is not None and not execution.idle:
             # The deadline fell while output was still arriving; the reply is in.

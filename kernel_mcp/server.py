@@ -73,7 +73,7 @@ class _LiveOutput:
         self._wake = asyncio.Event()
         self._closed = False
         self._sent = 0
-        self._task = asyncio.create_task(self._pump())
+        self._task: asyncio.Task[None] | None = None  # started by the first output
 
     def on_output(self, msg: Message) -> None:
         msg_type = msg["header"]["msg_type"]
@@ -88,6 +88,8 @@ class _LiveOutput:
             self._pending.append(f"{content.get('ename')}: {content.get('evalue')}\n")
         else:
             return
+        if self._task is None:
+            self._task = asyncio.create_task(self._pump())
         self._wake.set()
 
     async def _pump(self) -> None:
@@ -110,11 +112,23 @@ class _LiveOutput:
     async def close(self) -> None:
         self._closed = True
         self._wake.set()
+        if self._task is None:
+            return
         try:
             async with asyncio.timeout(2):
                 await self._task
         except TimeoutError:
             self._task.cancel()
+
+
+def _approx_size(outputs: list[dict[str, Any]]) -> int:
+    """Characters in the outputs' payloads (JSON escaping may add to it)."""
+    size = 0
+    for output in outputs:
+        size += len(output.get("text", "")) + 64
+        size += sum(len(str(v)) for v in output.get("data", {}).values())
+        size += sum(len(line) for line in output.get("traceback", []))
+    return size
 
 
 def _fit_structured(structured: dict[str, Any], budget: int) -> None:
@@ -211,12 +225,15 @@ def create_server(settings: Settings | None = None) -> FastMCP:
         )
         structured = result.to_dict()
         images = rendered.images
-        budget = settings.result_max_bytes - len(json.dumps(rendered.text))
         image_bytes = sum(len(i.data) for i in images)
-        if image_bytes > budget // 3:
-            images = []  # the full images stay in the structured outputs
-            rendered.text += "\n[images omitted from this message: too large; see outputs]"
-        _fit_structured(structured, budget - sum(len(i.data) for i in images))
+        estimate = len(rendered.text) + image_bytes + _approx_size(result.outputs)
+        # JSON escaping grows text at most 6x: below an eighth of the bound it surely fits.
+        if estimate > settings.result_max_bytes // 8:
+            budget = settings.result_max_bytes - len(json.dumps(rendered.text))
+            if image_bytes > budget // 3:
+                images = []  # the full images stay in the structured outputs
+                rendered.text += "\n[images omitted from this message: too large; see outputs]"
+            _fit_structured(structured, budget - sum(len(i.data) for i in images))
         content: list[TextContent | ImageContent] = [TextContent(type="text", text=rendered.text)]
         content += [ImageContent(type="image", data=i.data, mime_type=i.mime_type) for i in images]
         return ToolResult(content=content, structured_content=structured)
