@@ -187,7 +187,6 @@ def create_server(settings: Settings | None = None) -> FastMCP:
         auth=auth,
         providers=[skills],
     )
-    mcp.state = {"manager": manager, "skills": skills, "settings": settings}  # type: ignore[attr-defined]
 
     def files_for(ctx: Context) -> SessionFiles:
         session = manager.session(session_key(ctx))
