@@ -10,6 +10,7 @@ run: $(STAMP)
 	$(BIN)/python scripts/run_stack.py
 
 test: $(STAMP)
+	sh scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest
 
 install: $(STAMP)

@@ -428,7 +428,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             headers={"Cache-Control": "private, max-age=86400"},
         )
 
+    if settings.ui:
+        _mount_ui(app, settings)
     return app
+
+
+def _mount_ui(app: FastAPI, settings: Settings) -> None:
+    """The web page at /ui, if the optional extra `ui` (gradio) is installed."""
+    try:
+        from .ui import mount_ui
+    except ModuleNotFoundError as exc:
+        if exc.name != "gradio":
+            raise
+        logger.info("no web UI: gradio is not installed (pip install -e '.[ui]')")
+        return
+    mount_ui(app, settings)
 
 
 def _record_or_404(svc: Services, session_id: str) -> Any:

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         description="kernel_mcp tools not offered to the model.",
     )
     sse_ping: float = Field(default=15.0, gt=0)
+    ui: bool = Field(
+        default=True, description="Serve the web page at /ui (needs the optional extra `ui`)."
+    )
 
     @field_validator("data_dir", "notebooks_dir")
     @classmethod

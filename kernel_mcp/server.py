@@ -8,6 +8,7 @@ header, else the MCP session id, so a model cannot reach another session's kerne
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -74,6 +75,8 @@ class _LiveOutput:
         self._closed = False
         self._sent = 0
         self._task: asyncio.Task[None] | None = None  # started by the first output
+        # The kernel reader calls on_output outside the tool call: keep the MCP request context.
+        self._context = contextvars.copy_context()
 
     def on_output(self, msg: Message) -> None:
         msg_type = msg["header"]["msg_type"]
@@ -89,7 +92,7 @@ class _LiveOutput:
         else:
             return
         if self._task is None:
-            self._task = asyncio.create_task(self._pump())
+            self._task = asyncio.create_task(self._pump(), context=self._context)
         self._wake.set()
 
     async def _pump(self) -> None:
@@ -107,7 +110,7 @@ class _LiveOutput:
                 await self._ctx.report_progress(self._sent, None, text)
                 await self._ctx.log(text, level="info", logger_name="kernel.output")
             except Exception:
-                logger.debug("live output notification failed", exc_info=True)
+                logger.warning("live output notification failed", exc_info=True)
 
     async def close(self) -> None:
         self._closed = True

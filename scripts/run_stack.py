@@ -69,7 +69,8 @@ def main() -> int:
         processes.append(agent)
         _wait_healthy(f"http://{agent_host}:{agent_port}/health", agent, 60)
         logger.info("MCP server:   http://%s:%s/mcp", kernel_host, kernel_port)
-        logger.info("OpenAI API:   http://%s:%s/v1  (Ctrl-C stops both)", agent_host, agent_port)
+        logger.info("OpenAI API:   http://%s:%s/v1", agent_host, agent_port)
+        logger.info("Web UI:       http://%s:%s/ui  (Ctrl-C stops both)", agent_host, agent_port)
         if not env.get("AGENT_MODEL"):
             logger.warning("AGENT_MODEL is not set: chat answers 503 until a model is configured")
         while not stopping and all(p.poll() is None for p in processes):

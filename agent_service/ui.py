@@ -1,0 +1,512 @@
+"""The web page at /ui: a Gradio chat that uses only this service's public HTTP API.
+
+Every action is an HTTP call to the service, so the page shows exactly what any client gets.
+Calls go to the socket the browser's request arrived on (never to a host a request names) with
+the browser's Host header, so the image links the service writes are ones the browser can open.
+Only this module imports gradio (the optional extra `ui`).
+"""
+
+# No `from __future__ import annotations`: gradio reads the handlers' `gr.Request` annotations.
+
+import asyncio
+import base64
+import contextlib
+import html
+import json
+import logging
+import re
+import shutil
+import tempfile
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import httpx
+from fastapi import FastAPI
+
+from .config import Settings
+
+logger = logging.getLogger(__name__)
+
+MOUNT_PATH = "/ui"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_SERVICE_IMAGE = re.compile(
+    r"(!\[[^\]]*\]\()(https?://[^)\s]+/v1/sessions/[^)\s]+/outputs/[^)\s]+)\)"
+)
+
+
+class _ApiError(Exception):
+    """A call to the service failed; the message is meant for people (markdown-safe)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        # Messages such as "Bearer <key>" would otherwise be eaten as HTML tags.
+        super().__init__(html.escape(message, quote=False))
+        self.status = status
+
+
+class _Api:
+    """The service's public HTTP API, called on behalf of one browser request."""
+
+    def __init__(self, settings: Settings, request: gr.Request | None, key: str) -> None:
+        raw = getattr(request, "request", None)
+        server = raw.scope.get("server") if raw is not None else None
+        host, port = server or (settings.host, settings.port)
+        host = f"[{host}]" if ":" in str(host) else host
+        self.base = f"http://{host}:{port}"
+        self.headers: dict[str, str] = {}
+        if raw is not None:  # the service then writes links the browser can open
+            self.headers["host"] = raw.headers.get("host", f"{host}:{port}")
+            self.headers["x-forwarded-proto"] = raw.url.scheme
+        self.keyed = bool(key.strip())
+        if self.keyed:
+            self.headers["authorization"] = f"Bearer {key.strip()}"
+        self._long = httpx.Timeout(30.0, read=settings.mcp_timeout)
+
+    @contextlib.asynccontextmanager
+    async def _client(self, long: bool = False) -> AsyncIterator[httpx.AsyncClient]:
+        try:
+            async with httpx.AsyncClient(
+                base_url=self.base,
+                headers=self.headers,
+                timeout=self._long if long else 30.0,
+                trust_env=False,  # never route calls to ourselves through a proxy
+            ) as client:
+                yield client
+        except httpx.TimeoutException as exc:
+            raise _ApiError("The service did not answer in time.") from exc
+        except httpx.HTTPError as exc:
+            raise _ApiError(f"The connection to the service at {self.base} failed: {exc}") from exc
+
+    async def call(
+        self, method: str, path: str, *, long: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        async with self._client(long) as client:
+            response = await client.request(method, path, **kwargs)
+        _check(response)
+        return response
+
+    async def chat(self, sid: str, model: str, message: str) -> AsyncIterator[str]:
+        """The content deltas of one streamed turn."""
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": message}]}
+        async with (
+            self._client(long=True) as client,
+            client.stream(
+                "POST", "/v1/chat/completions", json=body, headers={"x-session-id": sid}
+            ) as response,
+        ):
+            if not response.is_success:
+                await response.aread()
+                _check(response)
+            async for line in response.aiter_lines():
+                data = line.removeprefix("data:").strip()
+                if not line.startswith("data:") or not data:
+                    continue
+                if data == "[DONE]":
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError as exc:
+                    raise _ApiError(f"The service sent a malformed event: {data[:80]}") from exc
+                if "error" in chunk:
+                    raise _ApiError(_error_message(chunk, "the turn failed"))
+                for choice in chunk.get("choices", []):
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield text
+
+    async def inline_images(self, text: str, cache: dict[str, str]) -> str:
+        """Image links as data URIs: with an API key the browser cannot load them itself."""
+        for url in {m.group(2) for m in _SERVICE_IMAGE.finditer(text)} - cache.keys():
+            response = await self.call("GET", httpx.URL(url).path)
+            mime = response.headers.get("content-type", "image/png")
+            cache[url] = f"data:{mime};base64,{base64.b64encode(response.content).decode()}"
+        return _SERVICE_IMAGE.sub(lambda m: f"{m.group(1)}{cache.get(m.group(2), '')})", text)
+
+
+def _error_message(body: Any, default: str) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    return str(error.get("message") or default) if isinstance(error, dict) else default
+
+
+def _check(response: httpx.Response) -> None:
+    """Raise the service's OpenAI-shaped error as a sentence, with its status."""
+    if response.is_success:
+        return
+    try:
+        message = _error_message(response.json(), response.reason_phrase)
+    except ValueError:
+        message = response.text[:300] or response.reason_phrase
+    hint = " Enter an API key under Settings." if response.status_code == 401 else ""
+    raise _ApiError(f"{message} (HTTP {response.status_code}).{hint}", response.status_code)
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+
+def _fenced(text: str, lang: str) -> str:
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
+
+
+def _data_uri(data: dict[str, Any]) -> str | None:
+    """An image output as a data URI: it needs no request (nor API key) of the browser."""
+    for mime in ("image/png", "image/jpeg"):
+        if mime in data:
+            return f"data:{mime};base64,{''.join(str(data[mime]).split())}"
+    return None
+
+
+def _outputs_md(outputs: list[dict[str, Any]]) -> str:
+    """nbformat outputs as markdown: text in a fence, images inline, HTML (tables) as is."""
+    parts: list[str] = []
+    text: list[str] = []
+
+    def flush() -> None:
+        joined = _ANSI.sub("", "".join(text))
+        if joined.strip():
+            parts.append(_fenced(joined, "text"))
+        text.clear()
+
+    for output in outputs:
+        kind, data = output.get("output_type"), output.get("data") or {}
+        if kind == "stream":
+            text.append(str(output.get("text", "")))
+        elif kind == "error":
+            lines = output.get("traceback") or [f"{output.get('ename')}: {output.get('evalue')}"]
+            text.append("\n".join(lines) + "\n")
+        elif image := _data_uri(data):
+            flush()
+            parts.append(f"![output]({image})")
+        elif "text/html" in data:
+            flush()  # blank lines would end markdown's HTML block early
+            parts.append(re.sub(r"\n\s*\n", "\n", str(data["text/html"])).strip())
+        elif "text/plain" in data:
+            text.append(str(data["text/plain"]) + "\n")
+    flush()
+    return "\n\n".join(parts)
+
+
+def _execution_md(event: dict[str, Any]) -> str:
+    """One recorded tool call as the chat showed it: code, then its outputs."""
+    arguments = event.get("arguments") or {}
+    structured = event.get("structured") or {}
+    if event.get("name") != "execute_code":
+        return f"`{event.get('name')}` {json.dumps(arguments, ensure_ascii=False)[:200]}"
+    outputs = structured.get("outputs")
+    shown = _outputs_md(outputs) if outputs else _fenced(event.get("text", ""), "text")
+    notes = f"\n\n*{structured['message']}*" if structured.get("message") else ""
+    return f"{_fenced(str(arguments.get('code', '')), 'python')}\n\n{shown}{notes}"
+
+
+def _history(events: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """A session's recorded events as chat messages."""
+    messages: list[dict[str, str]] = []
+
+    def add(role: str, text: str) -> None:
+        if role == "assistant" and messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + text
+        elif text.strip():
+            messages.append({"role": role, "content": text})
+
+    for event in events:
+        kind = event.get("type")
+        if kind == "user":
+            add("user", str(event.get("content", "")))
+        elif kind == "assistant" and event.get("content"):
+            add("assistant", str(event["content"]))
+        elif kind == "tool_result" and event.get("direct"):
+            add("user", "*Ran in the kernel:*\n\n" + _execution_md(event))
+        elif kind == "tool_result":
+            add("assistant", _execution_md(event))
+        elif kind == "error":
+            add("assistant", f"**Error:** {html.escape(str(event.get('message')), quote=False)}")
+    return messages
+
+
+def _result_md(result: dict[str, Any]) -> str:
+    """The answer of POST /execute: status, then the outputs."""
+    head = f"*[{result.get('execution_count') or ' '}] {result.get('status')}*"
+    if result.get("message"):
+        head += f" · {result['message']}"
+    outputs = result.get("outputs") or []
+    body = _outputs_md(outputs) if outputs else _fenced(str(result.get("text") or ""), "text")
+    return f"{head}\n\n{body}"
+
+
+def _attach_md(info: dict[str, Any]) -> str:
+    command = info.get("console_command")
+    console = f"\n\nOr a terminal console:\n\n```sh\n.venv/bin/{command}\n```" if command else ""
+    return (
+        f"Kernel `{info.get('kernel_id')}`. In the repository, `make lab` opens JupyterLab "
+        f"with this kernel among its running kernels.{console}"
+    )
+
+
+# -- the page -------------------------------------------------------------------------------
+
+
+class _Handlers:
+    """The page's event handlers; each call speaks HTTP to the service."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.downloads = Path(tempfile.mkdtemp(prefix="kernel-agent-ui-"))
+
+    def api(self, request: gr.Request, key: str | None) -> _Api:
+        return _Api(self.settings, request, key or "")
+
+    async def refresh_all(self, key: str | None, request: gr.Request) -> tuple[Any, ...]:
+        """On load or a new key: the key (to show or save), the service line, models,
+        sessions, skills, notes, and the settings panel (opened if the service wants a key).
+        """
+        api = self.api(request, key)
+        notes: list[str] = []
+        statuses: set[int | None] = set()
+
+        async def get(path: str) -> Any:
+            try:
+                return (await api.call("GET", path)).json()
+            except _ApiError as exc:
+                statuses.add(exc.status)
+                if exc.status != 404 and str(exc) not in notes:
+                    notes.append(str(exc))
+                return None
+
+        health, models, sessions, skills = await asyncio.gather(
+            get("/health"), get("/v1/models"), get("/v1/sessions"), get("/v1/skills")
+        )
+        health = health or {}
+        if health and not health.get("model_configured"):
+            notes.append(
+                "No model is configured: chat answers 503 until AGENT_MODEL is set "
+                "(running code below still works)."
+            )
+        reachable = (health.get("kernel_mcp") or {}).get("reachable")
+        about = (
+            f"Model `{health.get('model') or 'none'}` · kernels "
+            f"{'ready' if reachable else 'unreachable'}"
+            if health
+            else "The service is unreachable."
+        )
+        ids = [m["id"] for m in (models or {}).get("data", [])]
+        listed = (skills or {}).get("data")
+        skills_md = (
+            "\n".join(f"- **{s['name']}**: {s.get('description', '')}" for s in listed)
+            if listed
+            else "*The service does not list skills (no `GET /v1/skills`).*"
+        )
+        return (
+            key or "",
+            about,
+            gr.Dropdown(choices=ids, value=ids[0] if ids else None),
+            _session_choices(sessions, None),
+            skills_md,
+            _status(notes),
+            gr.Accordion(open=True) if 401 in statuses else gr.skip(),
+        )
+
+    async def send(
+        self, message: str, history: list[Any], sid: str, model: str, key: str, request: gr.Request
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """Stream one turn into the chat."""
+        message, sid = (message or "").strip(), sid or uuid.uuid4().hex
+        if not message:
+            yield gr.skip(), gr.skip(), gr.skip(), sid
+            return
+        api = self.api(request, key)
+        history = [*history, {"role": "user", "content": message}]
+        yield "", [*history, {"role": "assistant", "content": ""}], "", sid
+        text, images = "", dict[str, str]()
+        try:
+            async for delta in api.chat(sid, model or self.settings.model_alias, message):
+                text += delta
+                shown = await api.inline_images(text, images) if api.keyed else text
+                yield "", [*history, {"role": "assistant", "content": shown}], "", sid
+        except _ApiError as exc:
+            error = f"**Error:** {exc}"
+            reply = f"{text}\n\n{error}" if text else error
+            yield gr.skip(), [*history, {"role": "assistant", "content": reply}], error, sid
+
+    async def run_code(self, code: str, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
+        """Run the code box in the session's kernel, without the model."""
+        sid = sid or uuid.uuid4().hex
+        if not (code or "").strip():
+            return "*Nothing to run.*", "", sid
+        try:
+            response = await self.api(request, key).call(
+                "POST", f"/v1/sessions/{sid}/execute", json={"code": code}, long=True
+            )
+        except _ApiError as exc:
+            return f"**Error:** {exc}", f"**Error:** {exc}", sid
+        return _result_md(response.json()), "", sid
+
+    async def open_session(self, chosen: str, key: str, request: gr.Request) -> tuple[Any, ...]:
+        """Show a past session's history and make it the current one."""
+        if not chosen:
+            return gr.skip(), gr.skip(), "", ""
+        try:
+            record = (await self.api(request, key).call("GET", f"/v1/sessions/{chosen}")).json()
+        except _ApiError as exc:
+            return gr.skip(), gr.skip(), f"**Error:** {exc}", ""
+        busy = "This session is running a turn right now." if record.get("busy") else ""
+        return chosen, _history(record.get("events", [])), busy, ""
+
+    async def new_session(self) -> tuple[Any, ...]:
+        """A session exists from its first message or code run; until then it has no id."""
+        return "", [], "", "", ""
+
+    async def delete_session(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
+        if not sid:
+            return gr.skip(), gr.skip(), "Nothing to delete: this session has not started.", ""
+        try:
+            await self.api(request, key).call("DELETE", f"/v1/sessions/{sid}")
+        except _ApiError as exc:
+            return gr.skip(), gr.skip(), f"**Error:** {exc}", gr.skip()
+        return "", [], f"Deleted session `{sid}`.", ""
+
+    async def attach(self, sid: str, key: str, request: gr.Request) -> str:
+        if not sid:
+            return "Send a message or run code first: that starts this session's kernel."
+        try:
+            info = (await self.api(request, key).call("GET", f"/v1/sessions/{sid}/kernel")).json()
+        except _ApiError as exc:
+            return f"**Error:** {exc}"
+        return _attach_md(info)
+
+    async def refresh(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
+        """The session list and the notebook download, after anything that changed them."""
+        api = self.api(request, key)
+        try:
+            sessions = (await api.call("GET", "/v1/sessions")).json()
+        except _ApiError:
+            sessions = None
+        nothing = gr.DownloadButton(value=None, interactive=False)
+        if not sid:
+            return _session_choices(sessions, sid), nothing
+        try:
+            response = await api.call("GET", f"/v1/sessions/{sid}/notebook")
+        except _ApiError:  # not recorded yet
+            return _session_choices(sessions, sid), nothing
+        path = self.downloads / sid / f"{sid}.ipynb"  # the name the browser saves it as
+        path.parent.mkdir(exist_ok=True)
+        await asyncio.to_thread(path.write_bytes, response.content)
+        return _session_choices(sessions, sid), gr.DownloadButton(value=str(path), interactive=True)
+
+
+def _session_choices(sessions: Any, current: str | None) -> Any:
+    data = (sessions or {}).get("data", [])
+    choices = [(f"{s.get('title') or 'untitled'} · {s['id'][:8]}", s["id"]) for s in data]
+    value = current if current in {s["id"] for s in data} else None
+    return gr.Dropdown(choices=choices, value=value)
+
+
+def _status(notes: list[str]) -> str:
+    return "\n\n".join(f"**{n}**" for n in notes)
+
+
+def build_ui(settings: Settings) -> gr.Blocks:
+    """The page: chat, code box, sessions, model and key, skills."""
+    h = _Handlers(settings)
+    page = gr.Blocks(title="kernel-agent", analytics_enabled=False)
+    with page:
+        sid = gr.State("")
+        saved_key = gr.BrowserState("", storage_key="kernel-agent-api-key")
+        gr.Markdown("## kernel-agent\nAn agent that computes in a live Jupyter kernel.")
+        about = gr.Markdown(elem_id="about")
+        status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                sessions = gr.Dropdown(label="Sessions", choices=[], elem_id="sessions")
+                with gr.Row():
+                    new = gr.Button("New session", size="sm", elem_id="new-session")
+                    delete = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
+                download = gr.DownloadButton(
+                    "Download notebook", size="sm", interactive=False, elem_id="download"
+                )
+                with gr.Accordion("Attach JupyterLab", open=False):
+                    attach = gr.Button("Show this session's kernel", size="sm", elem_id="attach")
+                    attach_info = gr.Markdown(elem_id="attach-info")
+                with gr.Accordion("Settings", open=False) as settings_panel:
+                    model = gr.Dropdown(label="Model", choices=[], elem_id="model")
+                    key = gr.Textbox(
+                        label="API key",
+                        type="password",
+                        placeholder="needed only if the service sets AGENT_API_KEYS",
+                        elem_id="api-key",
+                    )
+                with gr.Accordion("Skills", open=False):
+                    skills = gr.Markdown(elem_id="skills")
+            with gr.Column(scale=3):
+                chat = gr.Chatbot(
+                    show_label=False,
+                    elem_id="chat",
+                    height=520,
+                    feedback_options=None,
+                    buttons=["copy"],
+                )
+                with gr.Row():
+                    message = gr.Textbox(
+                        show_label=False, placeholder="Ask the agent…", scale=5, elem_id="message"
+                    )
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Accordion("Run Python in this session's kernel", open=True):
+                    code = gr.Code(language="python", lines=4, show_label=False, elem_id="code")
+                    run = gr.Button("Run", size="sm", elem_id="run")
+                    code_output = gr.Markdown(elem_id="code-output")
+
+        quick: dict[str, Any] = {"concurrency_limit": None, "show_progress": "hidden"}
+        after = {"fn": h.refresh, "inputs": [sid, key], "outputs": [sessions, download], **quick}
+        overview = [key, about, model, sessions, skills, status, settings_panel]
+        page.load(h.refresh_all, [saved_key], overview, **quick)
+        gr.on([key.submit, key.blur], h.refresh_all, [key], [saved_key, *overview[1:]], **quick)
+        sent = gr.on(
+            [send.click, message.submit],
+            h.send,
+            [message, chat, sid, model, key],
+            [message, chat, status, sid],
+            concurrency_limit=None,
+        )
+        sent.then(**after)
+        run.click(
+            h.run_code, [code, sid, key], [code_output, status, sid], concurrency_limit=None
+        ).then(**after)
+        # Leaving a session stops showing its stream; the turn itself runs on in the service.
+        sessions.input(
+            h.open_session,
+            [sessions, key],
+            [sid, chat, status, attach_info],
+            cancels=[sent],
+            **quick,
+        ).then(**after)
+        new.click(
+            h.new_session,
+            None,
+            [sid, chat, status, attach_info, code_output],
+            cancels=[sent],
+            **quick,
+        ).then(**after)
+        delete.click(h.delete_session, [sid, key], [sid, chat, status, attach_info], **quick).then(
+            **after
+        )
+        attach.click(h.attach, [sid, key], [attach_info], **quick)
+    weakref.finalize(page, shutil.rmtree, h.downloads, True)
+    return page
+
+
+def mount_ui(app: FastAPI, settings: Settings) -> None:
+    """Serve the page at /ui of `app`."""
+    gr.mount_gradio_app(
+        app,
+        build_ui(settings),
+        path=MOUNT_PATH,
+        footer_links=[],
+        run_history=False,
+        ssr_mode=False,
+        mcp_server=False,
+        show_error=False,
+    )
+    logger.info("web UI at %s", MOUNT_PATH)
