@@ -212,6 +212,16 @@ async def run_code(
 
 
 async def _after_loss(kernel: KernelConnection, reason: str, cwd: Path) -> tuple[Status, str, bool]:
+    if reason == "died before it ran":
+        how = _death_sentence(kernel.exit_code)
+        await kernel.restart(cwd)
+        return (
+            "kernel_died",
+            f"The kernel {how} after the previous call, so this code was not run. A fresh "
+            "kernel was started; variables defined earlier are gone. Re-create what the code "
+            "needs, then run it again.",
+            True,
+        )
     if reason == "died":
         how = _death_sentence(kernel.exit_code)
         await kernel.restart(cwd)

@@ -103,13 +103,23 @@ class LocalKernel(KernelConnection):
 
     async def open(self, timeout: float) -> None:
         """Connect the channels, start the readers and wait for the kernel."""
+        self._open_channels()
+        self._watch_process()
+        await self._wait_ready(timeout)
+
+    def _open_channels(self) -> None:
         self._kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
         self._readers = [
             asyncio.create_task(self._read(self._kc.iopub_channel, iopub=True)),
             asyncio.create_task(self._read(self._kc.shell_channel, iopub=False)),
         ]
-        self._watch_process()
-        await self._wait_ready(timeout)
+
+    async def _close_channels(self) -> None:
+        for task in self._readers:
+            task.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        self._readers = []
+        self._kc.stop_channels()
 
     async def _wait_ready(self, timeout: float) -> None:
         # Repeat kernel_info until one is answered on shell and reported idle on IOPub:
@@ -142,10 +152,14 @@ class LocalKernel(KernelConnection):
         self.generation += 1
         self._unwatch_process()
         children = self._children()
+        # Fresh channels: requests still queued for the old process must never reach the new one.
+        await self._close_channels()
         await self._km.restart_kernel(now=True, newports=False, cwd=str(cwd))
         _kill_all(children)
         self._dead = False
         self.exit_code = None
+        self._kc = self._km.client()
+        self._open_channels()
         self._watch_process()
         await self._wait_ready(self._settings.startup_timeout)
         logger.info("kernel %s restarted (generation %d)", self.kernel_id, self.generation)
@@ -155,8 +169,7 @@ class LocalKernel(KernelConnection):
         self._unwatch_process()
         children = self._children()
         pgid = getattr(self._km.provisioner, "pgid", None)
-        for task in self._readers:
-            task.cancel()
+        await self._close_channels()
         try:
             async with asyncio.timeout(self._settings.shutdown_timeout):
                 await self._km.shutdown_kernel(now=True)
@@ -166,8 +179,6 @@ class LocalKernel(KernelConnection):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
         _kill_all(children)
-        self._kc.stop_channels()
-        await asyncio.gather(*self._readers, return_exceptions=True)
         with contextlib.suppress(OSError):
             os.unlink(self._km.connection_file)
         logger.info("kernel %s shut down", self.kernel_id)
@@ -175,6 +186,13 @@ class LocalKernel(KernelConnection):
     # -- requests -------------------------------------------------------------
 
     def execute(self, code: str, listener: ExecutionListener, *, silent: bool = False) -> str:
+        if self._dead:
+            # Died while idle: do not send (a restart could deliver the queued request to the
+            # new kernel and run the code unasked); report the loss at once instead.
+            unsent = f"unsent-{uuid.uuid4()}"
+            self._listeners[unsent] = listener
+            asyncio.get_running_loop().call_soon(self._lose, unsent, "died before it ran")
+            return unsent
         msg_id: str = self._kc.execute(
             code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=True
         )
@@ -235,7 +253,14 @@ class LocalKernel(KernelConnection):
             parent_id = msg.get("parent_header", {}).get("msg_id")
             listener = self._listeners.get(parent_id) if parent_id else None
             if listener is None:
-                if iopub and self.on_orphan and msg["header"]["msg_type"] in _OUTPUT_TYPES:
+                # Output of an earlier request (a background thread) is reported with the
+                # next result; output with no parent is the kernel's own start-up noise.
+                if (
+                    iopub
+                    and parent_id
+                    and self.on_orphan
+                    and msg["header"]["msg_type"] in _OUTPUT_TYPES
+                ):
                     self.on_orphan(msg)
                 continue
             try:
@@ -245,6 +270,11 @@ class LocalKernel(KernelConnection):
                     listener.on_reply(msg)
             except Exception:  # a listener bug must not stop the reader, or every call hangs
                 logger.exception("kernel %s: message handler failed", self.kernel_id)
+
+    def _lose(self, msg_id: str, reason: str) -> None:
+        listener = self._listeners.pop(msg_id, None)
+        if listener is not None:
+            listener.on_kernel_lost(reason)
 
     def _lose_all(self, reason: str) -> None:
         listeners, self._listeners = self._listeners, {}
@@ -369,6 +399,7 @@ class LocalBackend(KernelBackend):
         env["PYTHONUNBUFFERED"] = "1"
         # Importing skill helpers must not write __pycache__ into the skills folder.
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # debugpy's start-up warning on stderr
         return env
 
     async def start_kernel(self, cwd: Path, *, pooled: bool = False) -> LocalKernel:

@@ -69,6 +69,7 @@ class OutputCollector:
         self._dropped_stream = "stdout"
         self._clear_on_next = False
         self._displays: dict[str, list[Output]] = {}
+        self._display_of: dict[int, str] = {}  # id(output) -> display_id, to forget dropped ones
         self.execution_count: int | None = None
 
     # -- message intake -------------------------------------------------
@@ -92,6 +93,7 @@ class OutputCollector:
             display_id = (content.get("transient") or {}).get("display_id")
             if display_id:
                 self._displays.setdefault(display_id, []).append(output)
+                self._display_of[id(output)] = display_id
             self._add(output)
         elif msg_type == "error":
             self._before_output()
@@ -152,6 +154,7 @@ class OutputCollector:
         self._head_full = False
         self.dropped_bytes = self.dropped_outputs = 0
         self._displays.clear()
+        self._display_of.clear()
         self._clear_on_next = False
 
     def _add_stream(self, name: str, text: str) -> None:
@@ -195,6 +198,12 @@ class OutputCollector:
         self._tail_bytes += size
         self._trim_tail()
 
+    def _forget_display(self, output: Output) -> None:
+        display_id = self._display_of.pop(id(output), None)
+        if display_id is not None:
+            kept = [o for o in self._displays.get(display_id, []) if o is not output]
+            self._displays[display_id] = kept
+
     def _trim_tail(self) -> None:
         while self._tail_bytes > self._tail_budget and self._tail:
             first = self._tail[0]
@@ -210,6 +219,7 @@ class OutputCollector:
                 self._dropped_stream = first["name"]
                 break
             self._tail.popleft()
+            self._forget_display(first)
             size = _output_size(first)
             self._tail_bytes -= size
             self.dropped_bytes += size

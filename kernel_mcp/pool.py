@@ -34,11 +34,17 @@ class KernelPool:
         self._task = asyncio.create_task(self._refill(), name="kernel-pool-refill")
         self._wanted.set()
 
-    def claim(self) -> KernelConnection | None:
-        """A ready kernel, or None when the pool is empty."""
-        kernel = self._ready.pop(0) if self._ready else None
+    async def claim(self) -> KernelConnection | None:
+        """A live ready kernel, or None when the pool is empty."""
+        while self._ready:
+            kernel = self._ready.pop(0)
+            self._wanted.set()
+            if await kernel.is_alive():
+                return kernel
+            logger.warning("pool: kernel %s died while waiting; discarded", kernel.kernel_id)
+            await kernel.shutdown()
         self._wanted.set()
-        return kernel
+        return None
 
     async def _refill(self) -> None:
         while True:

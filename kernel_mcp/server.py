@@ -245,7 +245,7 @@ def create_server(settings: Settings | None = None) -> FastMCP:
         """List the variables defined in this session's kernel: name, type and a short repr."""
         try:
             rows = await manager.list_variables(session_key(ctx))
-        except (KernelError, RuntimeError) as exc:
+        except KernelError as exc:
             raise _tool_error(exc) from exc
         text = (
             "\n".join(f"{r['name']}: {r['type']} = {r['repr']}" for r in rows)

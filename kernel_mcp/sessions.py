@@ -13,14 +13,20 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .backend import KernelBackend, KernelConnection, KernelInfo, Message
 from .config import Settings
-from .errors import CapacityError, InvalidSessionId, SessionNotFound
+from .errors import (
+    CapacityError,
+    InvalidSessionId,
+    KernelError,
+    KernelStartError,
+    SessionNotFound,
+)
 from .execution import ExecutionResult, run_code
 from .outputs import OutputCollector
 from .pool import KernelPool
@@ -70,6 +76,7 @@ class KernelSession:
     notice: str | None = None
     """Told with the next result: why earlier state is gone (culled, restarted)."""
     background: OutputCollector = field(default_factory=lambda: OutputCollector(_BACKGROUND_CAP))
+    closed: bool = False
     settling: asyncio.Task[None] | None = None
     """Interrupt/restart after a cancelled call; the next request waits for it."""
 
@@ -172,14 +179,32 @@ class SessionManager:
         }
 
     async def close_session(self, session_id: str) -> bool:
-        """Shut the session's kernel down and forget it; False if unknown."""
-        session = self._sessions.pop(session_id, None)
+        """Shut the session's kernel down (after any running call) and forget it."""
+        session = self._sessions.get(session_id)
         if session is None:
             return False
-        if session.kernel is not None:
-            kernel, session.kernel = session.kernel, None
-            await kernel.shutdown()
+        async with session.lock:
+            session.closed = True  # calls queued on this session start over on a new one
+            if self._sessions.get(session_id) is session:
+                del self._sessions[session_id]
+            if session.kernel is not None:
+                kernel, session.kernel = session.kernel, None
+                await kernel.shutdown()
         return True
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, session_id: str) -> AsyncIterator[KernelSession]:
+        """The session, its lock held; a session closed meanwhile is replaced by a new one."""
+        while True:
+            session = self.session(session_id)
+            await session.lock.acquire()
+            if not session.closed:
+                break
+            session.lock.release()
+        try:
+            yield session
+        finally:
+            session.lock.release()
 
     # -- kernel operations ------------------------------------------------------
 
@@ -195,8 +220,7 @@ class SessionManager:
         timeout = settings.execute_timeout if timeout is None else timeout
         if not 0 < timeout <= settings.max_execute_timeout:
             raise ValueError(f"timeout must be in (0, {settings.max_execute_timeout:g}] seconds")
-        session = self.session(session_id)
-        async with session.lock:
+        async with self._locked(session_id) as session:
             kernel = await self._kernel_for(session)
             background = session.background
             session.background = OutputCollector(_BACKGROUND_CAP)
@@ -233,7 +257,7 @@ class SessionManager:
         """Restart the session's kernel (its variables are lost)."""
         session = self.session(session_id)
         if session.kernel is None:
-            async with session.lock:
+            async with self._locked(session_id) as session:
                 await self._kernel_for(session)
             return
         await session.kernel.restart(session.folder)
@@ -242,8 +266,7 @@ class SessionManager:
 
     async def list_variables(self, session_id: str) -> list[dict[str, Any]]:
         """Names, types and short reprs of the user's variables."""
-        session = self.session(session_id)
-        async with session.lock:
+        async with self._locked(session_id) as session:
             kernel = await self._kernel_for(session)
             result = await run_code(
                 kernel,
@@ -259,14 +282,13 @@ class SessionManager:
             if o["output_type"] == "stream" and o["name"] == "stdout"
         )
         if result.status != "ok":
-            raise RuntimeError(f"listing variables failed: {result.status} {result.message or ''}")
+            raise KernelError(f"listing variables failed: {result.status} {result.message or ''}")
         rows: list[dict[str, Any]] = json.loads(text.strip().splitlines()[-1])
         return rows
 
     async def kernel_info(self, session_id: str) -> KernelInfo:
         """Kernel id, pid, connection file and language of the session's kernel."""
-        session = self.session(session_id)
-        async with session.lock:
+        async with self._locked(session_id) as session:
             kernel = await self._kernel_for(session)
         return kernel.info()
 
@@ -287,10 +309,14 @@ class SessionManager:
             )
         self._starting += 1
         try:
-            kernel = self._pool.claim()
+            kernel = await self._pool.claim()
             if kernel is not None:
-                await self._move_to(kernel, session.folder)
-                kernel.assign()
+                try:
+                    await self._move_to(kernel, session.folder)
+                    kernel.assign()
+                except BaseException:
+                    await asyncio.shield(kernel.shutdown())  # never leak a claimed kernel
+                    raise
             else:
                 kernel = await self._backend.start_kernel(session.folder)
         finally:
@@ -309,8 +335,7 @@ class SessionManager:
         code = f"import os as __ka_os; __ka_os.chdir({str(folder)!r}); del __ka_os"
         result = await run_code(kernel, code, timeout=10, grace=1, output_cap=65536, cwd=folder)
         if result.status != "ok":
-            await kernel.shutdown()
-            raise RuntimeError(f"could not move a pooled kernel to {folder}: {result.outputs}")
+            raise KernelStartError(f"a pooled kernel could not move to {folder}: {result.status}")
 
     async def _cull_loop(self) -> None:
         interval = min(self.settings.cull_interval, self.settings.idle_timeout / 2)

@@ -154,3 +154,49 @@ async def test_cancelled_caller_interrupts_the_kernel(manager: SessionManager) -
     result = await manager.execute("s1", "kept")
     assert time.monotonic() - started < 2, "the kernel is idle again, not still sleeping"
     assert plain_of(result.outputs) == "1"
+
+
+async def test_kernel_dead_while_idle_is_reported_and_code_never_runs_twice(
+    manager: SessionManager,
+) -> None:
+    info = await manager.kernel_info("s1")
+    os.kill(info.pid or 0, signal.SIGKILL)
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    result = await manager.execute("s1", "ran = 'yes'", timeout=10)
+    assert time.monotonic() - started < 5, "reported at once, not at the deadline"
+    assert result.status == "kernel_died"
+    assert "not run" in (result.message or "")
+    after = await manager.execute("s1", "'ran' in globals()")
+    assert plain_of(after.outputs) == "False", "the unsent code never ran on the new kernel"
+
+
+async def test_dead_pool_kernel_is_not_handed_out(start_manager) -> None:
+    manager: SessionManager = await start_manager(pool_size=1)
+    deadline = time.monotonic() + 30
+    while manager.stats()["pool_ready"] < 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    pooled = manager._pool._ready[0]
+    os.kill(pooled.info().pid or 0, signal.SIGKILL)
+    await asyncio.sleep(0.3)
+    result = await manager.execute("s1", "21 * 2", timeout=30)
+    assert result.status == "ok"
+    assert plain_of(result.outputs) == "42"
+
+
+async def test_shutdown_while_a_call_is_queued_leaks_nothing(manager: SessionManager) -> None:
+    await manager.execute("s1", "1")
+    running = asyncio.create_task(manager.execute("s1", "import time; time.sleep(0.5)"))
+    await asyncio.sleep(0.1)
+    queued = asyncio.create_task(manager.execute("s1", "'fresh' if 'x' not in globals() else x"))
+    await asyncio.sleep(0.05)
+    assert await manager.close_session("s1")
+    assert (await running).status == "ok"
+    result = await queued
+    assert result.status == "ok"
+    assert plain_of(result.outputs) == "'fresh'"
+    assert manager.stats()["kernels_running"] == 0, "calls queued before the close ran first"
+    again = await manager.execute("s1", "2 + 2")
+    assert plain_of(again.outputs) == "4"
+    assert manager.stats()["kernels_running"] == 1, "a later call gets a new, tracked kernel"
