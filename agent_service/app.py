@@ -5,6 +5,7 @@
 import asyncio
 import base64
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -108,6 +109,53 @@ class _BodyLimit:
             await _send_error(send, too_large)
 
 
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+_LOOPBACK_ORIGIN = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")
+
+
+class _HostOriginGuard:
+    """Refuses foreign Host headers (421) and browser Origins (403): DNS rebinding.
+
+    Without it a web page could reach this loopback service through a rebound name
+    and run code in a kernel; kernel_mcp guards its port the same way.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.hosts = _LOOPBACK_HOSTS | {h.lower() for h in settings.allowed_hosts}
+        if settings.host not in ("0.0.0.0", "::"):
+            self.hosts.add(settings.host.lower())
+        self.origins = {o.rstrip("/").lower() for o in settings.allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/").lower()
+        error: ServiceError | None = None
+        if "*" not in self.hosts and name not in self.hosts:
+            error = ServiceError(
+                f"Host {host!r} is not served here; add it to AGENT_ALLOWED_HOSTS",
+                code="host_not_allowed",
+            )
+            error.status = 421
+        elif origin and not _LOOPBACK_ORIGIN.fullmatch(origin) and origin not in self.origins:
+            error = ServiceError(
+                f"Origin {origin!r} is not allowed; add it to AGENT_ALLOWED_ORIGINS",
+                code="origin_not_allowed",
+            )
+            error.status = 403
+        if error is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await _send_error(send, error)
+        else:
+            await send({"type": "websocket.close", "code": 1008})
+
+
 class _TooLarge(Exception):
     pass
 
@@ -179,6 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="kernel-agent", version="0.1.0", lifespan=lifespan)
     app.add_middleware(_BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(_HostOriginGuard, settings=settings)
 
     def authenticate(request: Request) -> None:
         if not settings.api_keys:
@@ -193,12 +242,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     Auth = Depends(authenticate)
 
+    def output_signature(session_id: str, name: str, key: str) -> str:
+        message = f"{session_id}/{name}".encode()
+        return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()[:32]
+
+    def output_url(base: str, session_id: str, name: str) -> str:
+        """An image link; signed when keys are required, since browsers send no key for it."""
+        url = f"{base}v1/sessions/{session_id}/outputs/{name}"
+        if settings.api_keys:
+            key = settings.api_keys[0].get_secret_value()
+            url += f"?sig={output_signature(session_id, name, key)}"
+        return url
+
+    def authorize_output(request: Request, session_id: str, name: str) -> None:
+        signature = request.query_params.get("sig", "")
+        for key in settings.api_keys:
+            expected = output_signature(session_id, name, key.get_secret_value())
+            if signature and hmac.compare_digest(signature, expected):
+                return
+        authenticate(request)
+
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status >= 500:
             logger.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
         return _error_response(exc, headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return _error_response(ServiceError("internal error; the service logged the details"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -278,7 +352,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             session_id=sid,
             user_content=content,
             render_mode="openwebui" if mode == "openwebui" else "markdown",
-            image_url=lambda name: f"{base}v1/sessions/{sid}/outputs/{name}",
+            image_url=lambda name: output_url(base, sid, name),
         )
         queue = svc.turns.start(sid, lambda emit: svc.agent.run_turn(spec, emit))
         completion = Completion(body.model)
@@ -326,15 +400,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.delete("/v1/sessions/{session_id}", dependencies=[Auth])
     async def delete_session(session_id: str, svc: Svc) -> dict[str, Any]:
         _record_or_404(svc, session_id)
-        if svc.turns.busy(session_id):
-            raise SessionBusy(f"session {session_id} is running a turn; delete it afterwards")
-        try:
-            outcome = await svc.kernels.call(session_id, "shutdown_kernel", {})
-            kernel_shut_down = not outcome.is_error
-        except ServiceError as exc:
-            logger.warning("session %s: kernel not shut down: %s", session_id, exc)
-            kernel_shut_down = False
-        svc.store.delete_session(session_id)
+        with svc.turns.reserve(session_id):  # no turn may start while the session goes away
+            try:
+                async with asyncio.timeout(30):
+                    outcome = await svc.kernels.call(session_id, "shutdown_kernel", {})
+                kernel_shut_down = not outcome.is_error
+            except (ServiceError, TimeoutError) as exc:
+                logger.warning("session %s: kernel not shut down: %s", session_id, exc)
+                kernel_shut_down = False
+            await svc.exporter.flush()
+            svc.store.delete_session(session_id)
+            svc.exporter.path(session_id).unlink(missing_ok=True)
         return {
             "id": session_id,
             "object": "session",
@@ -357,7 +433,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         if svc.store.get_session(session_id) is None:
             svc.store.create_session(session_id, settings.model_alias)
-            svc.store.update_session(session_id, title=body.code.strip().splitlines()[0][:80])
+            first_line = (body.code.strip().splitlines() or ["(code)"])[0]
+            svc.store.update_session(session_id, title=first_line[:80])
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         async def run(_emit: Any) -> None:
@@ -373,7 +450,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         result = outcome.structured or {}
         base = str(request.base_url)
         images = [
-            f"{base}v1/sessions/{session_id}/outputs/{name}"
+            output_url(base, session_id, name)
             for name in image_names(event_id, result.get("outputs", []))
         ]
         return JSONResponse(
@@ -411,7 +488,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise KernelServiceError(f"kernel_info failed: {outcome.text}")
         return outcome.structured
 
-    @app.get("/v1/sessions/{session_id}/outputs/{name}", dependencies=[Auth])
+    @app.get("/v1/sessions/{session_id}/outputs/{name}", dependencies=[Depends(authorize_output)])
     async def get_output(session_id: str, name: str, svc: Svc) -> Response:
         match = _OUTPUT_NAME.fullmatch(name)
         event = svc.store.event(session_id, int(match.group(1))) if match else None

@@ -58,6 +58,13 @@ class Settings(BaseSettings):
         description="kernel_mcp tools not offered to the model.",
     )
     sse_ping: float = Field(default=15.0, gt=0)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host headers accepted besides loopback and AGENT_HOST ('*': any).",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="Browser origins accepted besides loopback."
+    )
     ui: bool = Field(
         default=True, description="Serve the web page at /ui (needs the optional extra `ui`)."
     )

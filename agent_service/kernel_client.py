@@ -77,9 +77,19 @@ class KernelSession:
         ]
 
     async def call(
-        self, name: str, arguments: dict[str, Any], on_output: ProgressHandler | None = None
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        on_output: ProgressHandler | None = None,
+        *,
+        allow_hidden: bool = False,
     ) -> ToolOutcome:
-        """Call a tool; live output (progress messages) goes to `on_output`."""
+        """Call a tool; live output (progress messages) goes to `on_output`.
+
+        Tools hidden from the model are refused unless `allow_hidden` (the service's own use).
+        """
+        if name in self._settings.hidden_tools and not allow_hidden:
+            return ToolOutcome(text=f"Unknown tool: {name!r}", is_error=True)
 
         async def progress(progress: float, total: float | None, message: str | None) -> None:
             if message and on_output is not None:
@@ -163,7 +173,7 @@ class KernelClient:
     async def call(self, session_id: str, name: str, arguments: dict[str, Any]) -> ToolOutcome:
         """One tool call on its own connection (for admin routes)."""
         async with self.session(session_id) as session:
-            return await session.call(name, arguments)
+            return await session.call(name, arguments, allow_hidden=True)
 
     async def reachable(self) -> bool:
         try:

@@ -71,22 +71,24 @@ def _usage(raw: Any) -> dict[str, int]:
 
 
 def _provider_error(exc: Exception) -> ProviderError:
+    """Translate a litellm (or underlying openai/httpx) failure, once, at this boundary."""
+    litellm = load_litellm()
     status = getattr(exc, "status_code", None)
-    name = type(exc).__name__
-    message = str(getattr(exc, "message", None) or exc).strip() or name
-    if status == 429 or name == "RateLimitError":
+    message = str(getattr(exc, "message", None) or exc).strip() or type(exc).__name__
+    if isinstance(exc, litellm.RateLimitError) or status == 429:
         return ProviderError(
             f"The model provider is rate limiting requests: {message}",
             status=429,
             code="rate_limit_exceeded",
         )
-    if name == "Timeout" or status == 408:
+    timeouts = (litellm.Timeout, TimeoutError)
+    if isinstance(exc, timeouts) or isinstance(exc.__cause__, timeouts) or status == 408:
         return ProviderError(
             f"The model provider did not answer in time: {message}",
             status=504,
             code="provider_timeout",
         )
-    if name == "AuthenticationError" or status in (401, 403):
+    if isinstance(exc, litellm.AuthenticationError) or status in (401, 403):
         return ProviderError(
             f"The model provider rejected the credentials (set AGENT_API_KEY): {message}",
             code="provider_auth_failed",

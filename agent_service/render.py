@@ -29,6 +29,14 @@ def _fence(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
+_MODEL_NOTES = ("image shown below]", "[an HTML table was also displayed to the user]")
+
+
+def _for_people(text: str) -> str:
+    """Tool text without the notes kernel_mcp writes for the model."""
+    return "\n".join(line for line in text.splitlines() if not line.endswith(_MODEL_NOTES))
+
+
 def _clean(text: str) -> str:
     # Output streams into an open ``` fence: keep it from closing early.
     return _ANSI.sub("", text).replace("```", "`\u200b``")
@@ -121,11 +129,7 @@ class ContentRenderer:
         if self._live_sent and not outcome.is_error:
             body = _tail_text(outputs, structured.get("message"))
         else:
-            body = "\n".join(
-                line
-                for line in outcome.text.splitlines()
-                if not line.endswith("image shown below]")
-            )
+            body = _for_people(outcome.text)
         text = ""
         if body.strip() or self._fence_open:
             if not self._fence_open:
@@ -139,9 +143,7 @@ class ContentRenderer:
 
     def _details(self, name: str, arguments: dict[str, Any], outcome: ToolOutcome) -> str:
         code = str(arguments.get("code", "")) if name == "execute_code" else json.dumps(arguments)
-        output = "\n".join(
-            line for line in outcome.text.splitlines() if not line.endswith("image shown below]")
-        )
+        output = _for_people(outcome.text)
         attrs = f'type="code_interpreter" done="true" output="{html.escape(output, quote=True)}"'
         code_fence, out_fence = _fence(code), _fence(output)
         return self._out(

@@ -8,11 +8,12 @@ cut an execution in half; the turn finishes and is saved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from .agent import Failed, Finished, TurnEvent
-from .errors import SessionBusy
+from .errors import ServiceError, SessionBusy
 
 logger = logging.getLogger(__name__)
 
@@ -22,29 +23,53 @@ class TurnRegistry:
 
     def __init__(self) -> None:
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._reserved: set[str] = set()
 
     def busy(self, session_id: str) -> bool:
-        return session_id in self._running
+        return session_id in self._running or session_id in self._reserved
+
+    @contextlib.contextmanager
+    def reserve(self, session_id: str) -> Iterator[None]:
+        """Keep turns off the session meanwhile (e.g. while it is being deleted)."""
+        if self.busy(session_id):
+            raise SessionBusy(f"session {session_id} is busy; try again when its turn ends")
+        self._reserved.add(session_id)
+        try:
+            yield
+        finally:
+            self._reserved.discard(session_id)
 
     def start(
         self, session_id: str, run: Callable[[Callable[[TurnEvent], None]], Awaitable[None]]
     ) -> asyncio.Queue[TurnEvent]:
         """Start `run(emit)` for the session; its events arrive on the returned queue."""
-        if session_id in self._running:
+        if self.busy(session_id):
             raise SessionBusy(
                 f"session {session_id} is already running a turn; wait for it to finish"
             )
         queue: asyncio.Queue[TurnEvent] = asyncio.Queue()
 
+        final_sent = False
+
+        def emit(event: TurnEvent) -> None:
+            nonlocal final_sent
+            if final_sent:
+                return
+            final_sent = isinstance(event, Finished | Failed)
+            queue.put_nowait(event)
+
         async def main() -> None:
             try:
-                await run(queue.put_nowait)
+                await run(emit)
             except asyncio.CancelledError:
-                queue.put_nowait(Failed(SessionBusy("the turn was cancelled at shutdown")))
+                emit(Failed(ServiceError("the turn was cancelled: the service is shutting down")))
                 raise
+            except Exception:
+                logger.exception("session %s: the turn crashed", session_id)
+                emit(Failed(ServiceError("the turn failed unexpectedly; the transcript is kept")))
             finally:
                 self._running.pop(session_id, None)
-                queue.put_nowait(Finished("end"))  # sentinel if the turn ended without one
+                emit(Failed(ServiceError("the turn ended without an answer")))  # if none came
 
         self._running[session_id] = asyncio.create_task(main(), name=f"turn-{session_id}")
         return queue

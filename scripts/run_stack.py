@@ -61,8 +61,16 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    # kernel_mcp gets none of the agent's settings or provider keys: kernels run as the same
+    # user and could read them from its /proc entry.
+    kernel_env = {
+        k: v
+        for k, v in env.items()
+        if not k.startswith("AGENT_")
+        and not (k.endswith(("_API_KEY", "_TOKEN", "_SECRET", "_KEY")) and k != "KERNEL_MCP_TOKEN")
+    }
     try:
-        kernel = subprocess.Popen([sys.executable, "-m", "kernel_mcp"], env=env)
+        kernel = subprocess.Popen([sys.executable, "-m", "kernel_mcp"], env=kernel_env)
         processes.append(kernel)
         _wait_healthy(f"http://{kernel_host}:{kernel_port}/health", kernel, 60)
         agent = subprocess.Popen([sys.executable, "-m", "agent_service"], env=env)

@@ -490,3 +490,57 @@ async def test_invalid_tool_arguments_are_fed_back(stack: Stack) -> None:
     assert content.endswith("Sorry.")
     tool = next(m for m in stack.llm.requests[1]["messages"] if m["role"] == "tool")
     assert "not valid JSON" in tool["content"]
+
+
+async def test_dns_rebinding_is_refused(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        rebound = await http.post(
+            "/v1/sessions/evil/execute",
+            json={"code": "import os; os.getpid()"},
+            headers={"Host": "attacker.example"},
+        )
+        assert rebound.status_code == 421
+        assert rebound.json()["error"]["code"] == "host_not_allowed"
+        foreign = await http.get("/v1/sessions", headers={"Origin": "http://attacker.example"})
+        assert foreign.status_code == 403
+        local = await http.get("/v1/sessions", headers={"Origin": "http://localhost:3000"})
+        assert local.status_code == 200
+    assert stack.kernel_mcp.server.started
+
+
+async def test_model_cannot_call_hidden_tools(stack: Stack) -> None:
+    stack.llm.script(
+        ToolCall("execute_code", {"code": "kept = 1"}),
+        ToolCall("shutdown_kernel", {}),
+        ToolCall("execute_code", {"code": "kept"}),
+        Text("ok"),
+    )
+    content, _ = await stream_turn(stack, "hidden-1", "go")
+    assert "```text\n1\n```" in content
+    tool = [m for m in stack.llm.requests[2]["messages"] if m["role"] == "tool"][-1]
+    assert tool["content"] == "Unknown tool: 'shutdown_kernel'"
+
+
+async def test_signed_image_links_work_without_a_key(start_stack) -> None:
+    stack: Stack = await start_stack(api_keys=["k-1"])
+    stack.llm.script(
+        ToolCall("execute_code", {"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2])"}),
+        Text("plotted"),
+    )
+    client = stack.client(api_key="k-1")
+    completion = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "plot"}]
+    )
+    link = completion.choices[0].message.content.split("](")[1].split(")")[0]
+    assert "?sig=" in link
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(link)).status_code == 200
+        assert (await http.get(link.split("?")[0])).status_code == 401
+        assert (await http.get(link[:-1] + "0")).status_code == 401
+
+
+async def test_whitespace_code_and_unexpected_errors_are_openai_shaped(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.agent.url, timeout=60) as http:
+        response = await http.post("/v1/sessions/ws-1/execute", json={"code": "   "})
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
