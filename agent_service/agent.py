@@ -288,20 +288,7 @@ class Agent:
             self.store.append(sid, turn, "error", {"message": exc.message, "code": exc.code})
             raise
         call = ToolCallRequest(id=f"direct-{turn}", name="execute_code", arguments="")
-        event_id = self.store.append(
-            sid,
-            turn,
-            "tool_result",
-            {
-                "call_id": call.id,
-                "name": call.name,
-                "arguments": arguments,
-                "text": _model_text(outcome),
-                "is_error": outcome.is_error,
-                "structured": outcome.structured,
-                "direct": True,
-            },
-        )
+        event_id = self._record_tool(sid, turn, call, arguments, outcome, direct=True)
         self.exporter.schedule(sid)
         return event_id, outcome
 
@@ -321,17 +308,17 @@ class Agent:
         call: ToolCallRequest,
         arguments: dict[str, Any],
         outcome: ToolOutcome,
+        *,
+        direct: bool = False,
     ) -> int:
-        return self.store.append(
-            sid,
-            turn,
-            "tool_result",
-            {
-                "call_id": call.id,
-                "name": call.name,
-                "arguments": arguments,
-                "text": _model_text(outcome),
-                "is_error": outcome.is_error,
-                "structured": outcome.structured,
-            },
-        )
+        data = {
+            "call_id": call.id,
+            "name": call.name,
+            "arguments": arguments,
+            "text": _model_text(outcome),
+            "is_error": outcome.is_error,
+            "structured": outcome.structured,
+        }
+        if direct:
+            data["direct"] = True  # typed by the user, not called by the model
+        return self.store.append(sid, turn, "tool_result", data)
