@@ -330,6 +330,13 @@ class _Handlers:
             error = f"**Error:** {exc}"
             reply = f"{text}\n\n{error}" if text else error
             yield gr.skip(), [*history, {"role": "assistant", "content": reply}], error, sid
+            return
+        # The turn is saved: show it as recorded, with DataFrames as tables, not text.
+        try:
+            record = (await api.call("GET", f"/v1/sessions/{sid}")).json()
+        except _ApiError:
+            return  # keep the streamed text
+        yield "", _history(record.get("events", [])), "", sid
 
     async def run_code(self, code: str, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
         """Run the code box in the session's kernel, without the model."""

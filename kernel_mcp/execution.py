@@ -9,6 +9,7 @@ dies is restarted and the result says so. Code is never re-run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -61,9 +62,11 @@ class _Execution:
         self.lost: str | None = None
         self.done = asyncio.Event()
         self.replied = asyncio.Event()
+        self.last_message = time.monotonic()
         self._on_output = on_output
 
     def on_iopub(self, msg: Message) -> None:
+        self.last_message = time.monotonic()
         msg_type = msg["header"]["msg_type"]
         if msg_type == "status":
             if msg["content"]["execution_state"] == "idle":
@@ -108,25 +111,24 @@ def _death_sentence(exit_code: int | None) -> str:
 
 async def _wait_done(execution: _Execution, timeout: float) -> bool:
     """Wait for reply+idle; True when finished (or lost) before `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = time.monotonic() + timeout
     if not execution.replied.is_set():
         try:
             async with asyncio.timeout(timeout):
                 await execution.replied.wait()
         except TimeoutError:
             return False
-    if execution.done.is_set():
-        return True
-    remaining = max(0.0, deadline - loop.time())
-    try:
-        async with asyncio.timeout(min(_IOPUB_GRACE, remaining) or 0.01):
-            await execution.done.wait()
-    except TimeoutError:
-        if remaining <= _IOPUB_GRACE and execution.reply is not None and not execution.idle:
-            # The deadline fell while output was still arriving; the reply is in.
-            logger.warning("IOPub idle not seen after the reply; output may be incomplete")
-        return execution.reply is not None or execution.lost is not None
+    # The reply is in, but output may still be on its way (20,000 displays take seconds to
+    # read on a loaded machine): wait for IOPub idle as long as messages keep coming.
+    while not execution.done.is_set():
+        now = time.monotonic()
+        quiet = now - execution.last_message
+        if now >= deadline or quiet >= _IOPUB_GRACE:
+            logger.warning("IOPub idle not seen %.1f s after the last output; it may be cut", quiet)
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(deadline - now, _IOPUB_GRACE - quiet)):
+                await execution.done.wait()
     return True
 
 

@@ -22,6 +22,7 @@ from queue import Empty
 from typing import Any
 
 import psutil
+import zmq
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
@@ -108,6 +109,10 @@ class LocalKernel(KernelConnection):
         await self._wait_ready(timeout)
 
     def _open_channels(self) -> None:
+        # No receive high-water mark: ZeroMQ queues IOPub on its own I/O thread however far
+        # our reader lags, instead of letting the kernel's PUB socket drop messages past 1,000.
+        # The output cap bounds what we keep once read.
+        self._kc.context.setsockopt(zmq.RCVHWM, 0)
         self._kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
         self._readers = [
             asyncio.create_task(self._read(self._kc.iopub_channel, iopub=True)),
