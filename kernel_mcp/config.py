@@ -63,6 +63,14 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="Seconds to wait for an interrupt before restarting."
     )
     startup_timeout: float = Field(default=60.0, gt=0)
+    iopub_quiet: float = Field(
+        default=2.0,
+        gt=0,
+        description="After the reply, how long output may pause before the rest is given up.",
+    )
+    internal_timeout: float = Field(
+        default=30.0, gt=0, description="Deadline of our own requests (list_variables, chdir)."
+    )
     shutdown_timeout: float = Field(default=5.0, gt=0)
     liveness_interval: float = Field(
         default=0.25, gt=0, description="Process poll period when pidfd is unavailable."

@@ -25,9 +25,6 @@ logger = logging.getLogger(__name__)
 
 Status = Literal["ok", "error", "timeout_interrupted", "restarted_state_lost", "kernel_died"]
 
-# After the shell reply, how long to wait for IOPub to report idle (output still in flight).
-_IOPUB_GRACE = 2.0
-
 
 @dataclass
 class ExecutionResult:
@@ -109,7 +106,7 @@ def _death_sentence(exit_code: int | None) -> str:
     return "died"
 
 
-async def _wait_done(execution: _Execution, timeout: float) -> bool:
+async def _wait_done(execution: _Execution, timeout: float, quiet_limit: float) -> bool:
     """Wait for reply+idle; True when finished (or lost) before `timeout`."""
     deadline = time.monotonic() + timeout
     if not execution.replied.is_set():
@@ -123,11 +120,11 @@ async def _wait_done(execution: _Execution, timeout: float) -> bool:
     while not execution.done.is_set():
         now = time.monotonic()
         quiet = now - execution.last_message
-        if now >= deadline or quiet >= _IOPUB_GRACE:
+        if now >= deadline or quiet >= quiet_limit:
             logger.warning("IOPub idle not seen %.1f s after the last output; it may be cut", quiet)
             return True
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(deadline - now, _IOPUB_GRACE - quiet)):
+            async with asyncio.timeout(min(deadline - now, quiet_limit - quiet)):
                 await execution.done.wait()
     return True
 
@@ -142,6 +139,7 @@ async def run_code(
     cwd: Path,
     on_output: Callable[[Message], None] | None = None,
     on_cancel: Callable[[asyncio.Task[None]], None] | None = None,
+    iopub_quiet: float = 2.0,
 ) -> ExecutionResult:
     """Execute `code`, apply the timeout ladder, and return what happened.
 
@@ -156,13 +154,13 @@ async def run_code(
     status: Status
     message: str | None = None
     try:
-        finished = await _wait_done(execution, timeout)
+        finished = await _wait_done(execution, timeout, iopub_quiet)
         if not finished:
             logger.info(
                 "kernel %s: %.3g s timeout reached; interrupting", kernel.kernel_id, timeout
             )
             await kernel.interrupt()
-            finished = await _wait_done(execution, grace)
+            finished = await _wait_done(execution, grace, iopub_quiet)
             if finished and execution.lost is None:
                 status = "timeout_interrupted"
                 message = (
@@ -189,7 +187,9 @@ async def run_code(
     except asyncio.CancelledError:
         # Cancellation may be re-delivered at every await (anyio scopes): settle in a task.
         cancelled = True
-        settle = asyncio.create_task(_settle_after_cancel(kernel, execution, grace, cwd, msg_id))
+        settle = asyncio.create_task(
+            _settle_after_cancel(kernel, execution, grace, cwd, msg_id, iopub_quiet)
+        )
         if on_cancel is not None:
             on_cancel(settle)
         raise
@@ -241,7 +241,12 @@ async def _after_loss(kernel: KernelConnection, reason: str, cwd: Path) -> tuple
 
 
 async def _settle_after_cancel(
-    kernel: KernelConnection, execution: _Execution, grace: float, cwd: Path, msg_id: str
+    kernel: KernelConnection,
+    execution: _Execution,
+    grace: float,
+    cwd: Path,
+    msg_id: str,
+    iopub_quiet: float,
 ) -> None:
     """A cancelled caller: stop the code, so the next request finds an idle kernel."""
     try:
@@ -249,7 +254,7 @@ async def _settle_after_cancel(
             return
         logger.info("kernel %s: caller cancelled; interrupting", kernel.kernel_id)
         await kernel.interrupt()
-        finished = await _wait_done(execution, grace)
+        finished = await _wait_done(execution, grace, iopub_quiet)
         if (not finished and execution.lost is None) or execution.lost == "died":
             await kernel.restart(cwd)
     except Exception:

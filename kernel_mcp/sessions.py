@@ -234,6 +234,7 @@ class SessionManager:
                     cwd=session.folder,
                     on_output=on_output,
                     on_cancel=session.set_settling,
+                    iopub_quiet=settings.iopub_quiet,
                 )
             finally:
                 session.last_activity = time.monotonic()
@@ -271,7 +272,7 @@ class SessionManager:
             result = await run_code(
                 kernel,
                 _LIST_VARIABLES,
-                timeout=30,
+                timeout=self.settings.internal_timeout,
                 grace=self.settings.interrupt_grace,
                 output_cap=4 * 1024 * 1024,
                 cwd=session.folder,
@@ -333,7 +334,14 @@ class SessionManager:
 
     async def _move_to(self, kernel: KernelConnection, folder: Path) -> None:
         code = f"import os as __ka_os; __ka_os.chdir({str(folder)!r}); del __ka_os"
-        result = await run_code(kernel, code, timeout=10, grace=1, output_cap=65536, cwd=folder)
+        result = await run_code(
+            kernel,
+            code,
+            timeout=self.settings.internal_timeout,
+            grace=self.settings.interrupt_grace,
+            output_cap=65536,
+            cwd=folder,
+        )
         if result.status != "ok":
             raise KernelStartError(f"a pooled kernel could not move to {folder}: {result.status}")
 
