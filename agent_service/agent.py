@@ -62,6 +62,21 @@ class TurnSpec:
     image_url: ImageUrl
 
 
+def _assistant_message(text: str, calls: list[dict[str, str]]) -> dict[str, Any]:
+    """An OpenAI assistant message from stored tool calls ({id, name, arguments})."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [
+            {
+                "id": c["id"],
+                "type": "function",
+                "function": {"name": c["name"], "arguments": c["arguments"]},
+            }
+            for c in calls
+        ]
+    return message
+
+
 def transcript_messages(events: list[Event]) -> list[dict[str, Any]]:
     """The conversation as OpenAI chat messages, every tool call answered."""
     messages: list[dict[str, Any]] = []
@@ -85,19 +100,9 @@ def transcript_messages(events: list[Event]) -> list[dict[str, Any]]:
             messages.append({"role": "user", "content": data["content"]})
         elif event.type == "assistant":
             close_pending()
-            message: dict[str, Any] = {"role": "assistant", "content": data.get("content") or ""}
             calls = data.get("tool_calls") or []
-            if calls:
-                message["tool_calls"] = [
-                    {
-                        "id": c["id"],
-                        "type": "function",
-                        "function": {"name": c["name"], "arguments": c["arguments"]},
-                    }
-                    for c in calls
-                ]
-                pending.update({c["id"]: c["name"] for c in calls})
-            messages.append(message)
+            pending.update({c["id"]: c["name"] for c in calls})
+            messages.append(_assistant_message(data.get("content") or "", calls))
         elif event.type == "tool_result" and data.get("direct"):
             close_pending()
             messages.append({"role": "user", "content": _direct_note(data)})
@@ -219,17 +224,7 @@ class Agent:
         assert reply is not None
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
         self.store.append(sid, turn, "assistant", {"content": reply.text, "tool_calls": calls})
-        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
-        if calls:
-            message["tool_calls"] = [
-                {
-                    "id": c["id"],
-                    "type": "function",
-                    "function": {"name": c["name"], "arguments": c["arguments"]},
-                }
-                for c in calls
-            ]
-        messages.append(message)
+        messages.append(_assistant_message(reply.text, calls))
         return reply
 
     async def _run_tool(

@@ -189,7 +189,3 @@ def write_atomic(notebook: NotebookNode, path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def read(path: Path) -> NotebookNode:
-    return nbformat.read(path, as_version=4)

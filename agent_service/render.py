@@ -85,8 +85,6 @@ class ContentRenderer:
         return "" if self._last == "\n" else "\n\n"
 
     def text(self, text: str) -> str:
-        if self._fence_open:
-            return self._out(text)
         return self._out(text)
 
     def tool_start(self, name: str, arguments: dict[str, Any]) -> str:

@@ -35,11 +35,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path, and this file's own name would
-# shadow the `agent_service` package: put the repository root there instead.
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+# The test suite's fake LLM and server runner live in `tests/`, at the repository root.
+REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import argparse  # noqa: E402

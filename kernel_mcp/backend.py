@@ -8,12 +8,26 @@ REST and WebSocket) implements the same two classes and nothing else changes.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 Message = dict[str, Any]
+
+
+class Loss(enum.StrEnum):
+    """Why a request will get no reply; the value reads as part of a sentence."""
+
+    DIED = "died"
+    DIED_IDLE = "died before it ran"
+    RESTARTED = "restarted"
+    SHUT_DOWN = "shut down"
+
+    @property
+    def died(self) -> bool:
+        return self in (Loss.DIED, Loss.DIED_IDLE)
 
 
 class ExecutionListener(Protocol):
@@ -23,7 +37,7 @@ class ExecutionListener(Protocol):
 
     def on_reply(self, msg: Message) -> None: ...
 
-    def on_kernel_lost(self, reason: str) -> None:
+    def on_kernel_lost(self, reason: Loss) -> None:
         """The kernel died or was restarted: no reply will come."""
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from .backend import KernelConnection, Message
+from .backend import KernelConnection, Loss, Message
 from .outputs import Output, OutputCollector
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class _Execution:
         self.collector = OutputCollector(cap)
         self.reply: Message | None = None
         self.idle = False
-        self.lost: str | None = None
+        self.lost: Loss | None = None
         self.done = asyncio.Event()
         self.replied = asyncio.Event()
         self.last_message = time.monotonic()
@@ -84,7 +84,7 @@ class _Execution:
         if self.idle:
             self.done.set()
 
-    def on_kernel_lost(self, reason: str) -> None:
+    def on_kernel_lost(self, reason: Loss) -> None:
         self.lost = reason
         self.replied.set()
         self.done.set()
@@ -213,31 +213,29 @@ async def run_code(
     )
 
 
-async def _after_loss(kernel: KernelConnection, reason: str, cwd: Path) -> tuple[Status, str, bool]:
-    if reason == "died before it ran":
-        how = _death_sentence(kernel.exit_code)
-        await kernel.restart(cwd)
+async def _after_loss(
+    kernel: KernelConnection, reason: Loss, cwd: Path
+) -> tuple[Status, str, bool]:
+    if not reason.died:
         return (
-            "kernel_died",
+            "restarted_state_lost",
+            f"The kernel was {reason} while this code ran; variables defined earlier are gone.",
+            True,
+        )
+    how = _death_sentence(kernel.exit_code)
+    await kernel.restart(cwd)
+    if reason is Loss.DIED_IDLE:
+        what = (
             f"The kernel {how} after the previous call, so this code was not run. A fresh "
             "kernel was started; variables defined earlier are gone. Re-create what the code "
-            "needs, then run it again.",
-            True,
+            "needs, then run it again."
         )
-    if reason == "died":
-        how = _death_sentence(kernel.exit_code)
-        await kernel.restart(cwd)
-        return (
-            "kernel_died",
+    else:
+        what = (
             f"The kernel {how} while running this code and was restarted; variables defined "
-            "earlier are gone. Do not re-run the same code unchanged.",
-            True,
+            "earlier are gone. Do not re-run the same code unchanged."
         )
-    return (
-        "restarted_state_lost",
-        f"The kernel was {reason} while this code ran; variables defined earlier are gone.",
-        True,
-    )
+    return "kernel_died", what, True
 
 
 async def _settle_after_cancel(
@@ -255,7 +253,7 @@ async def _settle_after_cancel(
         logger.info("kernel %s: caller cancelled; interrupting", kernel.kernel_id)
         await kernel.interrupt()
         finished = await _wait_done(execution, grace, iopub_quiet)
-        if (not finished and execution.lost is None) or execution.lost == "died":
+        if (not finished and execution.lost is None) or (execution.lost and execution.lost.died):
             await kernel.restart(cwd)
     except Exception:
         logger.exception("kernel %s: could not settle after a cancelled call", kernel.kernel_id)

@@ -26,7 +26,14 @@ import zmq
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from .backend import ExecutionListener, KernelBackend, KernelConnection, KernelInfo, Message
+from .backend import (
+    ExecutionListener,
+    KernelBackend,
+    KernelConnection,
+    KernelInfo,
+    Loss,
+    Message,
+)
 from .config import Settings
 from .errors import KernelStartError
 
@@ -73,7 +80,7 @@ class _ReadyProbe:
         self.replies[msg["parent_header"]["msg_id"]] = msg
         self._check(msg["parent_header"]["msg_id"])
 
-    def on_kernel_lost(self, reason: str) -> None:
+    def on_kernel_lost(self, reason: Loss) -> None:
         self.lost = True
         self.done.set()
 
@@ -153,7 +160,7 @@ class LocalKernel(KernelConnection):
         raise KernelStartError(f"kernel {self.kernel_id} did not become ready in {timeout:.0f} s")
 
     async def restart(self, cwd: Path) -> None:
-        self._lose_all("restarted")
+        self._lose_all(Loss.RESTARTED)
         self.generation += 1
         self._unwatch_process()
         children = self._children()
@@ -170,7 +177,7 @@ class LocalKernel(KernelConnection):
         logger.info("kernel %s restarted (generation %d)", self.kernel_id, self.generation)
 
     async def shutdown(self) -> None:
-        self._lose_all("shut down")
+        self._lose_all(Loss.SHUT_DOWN)
         self._unwatch_process()
         children = self._children()
         pgid = getattr(self._km.provisioner, "pgid", None)
@@ -196,7 +203,7 @@ class LocalKernel(KernelConnection):
             # new kernel and run the code unasked); report the loss at once instead.
             unsent = f"unsent-{uuid.uuid4()}"
             self._listeners[unsent] = listener
-            asyncio.get_running_loop().call_soon(self._lose, unsent, "died before it ran")
+            asyncio.get_running_loop().call_soon(self._lose, unsent, Loss.DIED_IDLE)
             return unsent
         msg_id: str = self._kc.execute(
             code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=True
@@ -276,12 +283,12 @@ class LocalKernel(KernelConnection):
             except Exception:  # a listener bug must not stop the reader, or every call hangs
                 logger.exception("kernel %s: message handler failed", self.kernel_id)
 
-    def _lose(self, msg_id: str, reason: str) -> None:
+    def _lose(self, msg_id: str, reason: Loss) -> None:
         listener = self._listeners.pop(msg_id, None)
         if listener is not None:
             listener.on_kernel_lost(reason)
 
-    def _lose_all(self, reason: str) -> None:
+    def _lose_all(self, reason: Loss) -> None:
         listeners, self._listeners = self._listeners, {}
         for listener in listeners.values():
             listener.on_kernel_lost(reason)
@@ -332,7 +339,7 @@ class LocalKernel(KernelConnection):
         code = process.poll() if process is not None else None
         self.exit_code = code
         logger.warning("kernel %s died (exit code %s)", self.kernel_id, code)
-        self._lose_all("died")
+        self._lose_all(Loss.DIED)
 
 
 def _kill_all(processes: list[psutil.Process]) -> None:

@@ -138,9 +138,6 @@ class OutputCollector:
         marker = truncation_marker(self._dropped_stream, self.dropped_bytes, self.dropped_outputs)
         return [*self._head, marker, *self._tail]
 
-    def __len__(self) -> int:
-        return len(self._head) + len(self._tail)
-
     # -- internals ----------------------------------------------------------
 
     def _before_output(self) -> None:

@@ -72,7 +72,6 @@ class KernelSession:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     created: float = field(default_factory=time.time)
     last_activity: float = field(default_factory=time.monotonic)
-    executions: int = 0
     notice: str | None = None
     """Told with the next result: why earlier state is gone (culled, restarted)."""
     background: OutputCollector = field(default_factory=lambda: OutputCollector(_BACKGROUND_CAP))
@@ -238,7 +237,6 @@ class SessionManager:
                 )
             finally:
                 session.last_activity = time.monotonic()
-            session.executions += 1
         result.background_outputs = background.outputs()
         if session.notice:
             result.message = " ".join(filter(None, [session.notice, result.message]))
