@@ -505,7 +505,9 @@ async def test_dns_rebinding_is_refused(stack: Stack) -> None:
         assert foreign.status_code == 403
         local = await http.get("/v1/sessions", headers={"Origin": "http://localhost:3000"})
         assert local.status_code == 200
-    assert stack.kernel_mcp.server.started
+    async with httpx.AsyncClient(base_url=stack.kernel_mcp.url) as http:
+        kernel_side = await http.post("/mcp", json={}, headers={"Host": "attacker.example"})
+    assert kernel_side.status_code == 421, "kernel_mcp refuses it too"
 
 
 async def test_model_cannot_call_hidden_tools(stack: Stack) -> None:

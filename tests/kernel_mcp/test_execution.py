@@ -87,7 +87,9 @@ async def test_huge_print_is_truncated_with_head_tail_and_marker(manager: Sessio
     assert text.startswith("<head>")
     assert text.rstrip().endswith("<tail>")
     assert f"{result.truncated_bytes:,} bytes truncated" in text
-    assert result.truncated_bytes + len(text) - len(text.split("[...")[1].split("...]")[0]) > 0
+    marker = f"\n[... {result.truncated_bytes:,} bytes truncated ...]\n"
+    printed = len("<head>") + 50_000_000 + len("<tail>\n")
+    assert len(text) - len(marker) + result.truncated_bytes == printed, "every byte accounted for"
     assert result.truncated_bytes > 40_000_000
 
 

@@ -77,8 +77,8 @@ async def test_sigkill_from_outside_is_detected_within_two_seconds(
     result = await task
     assert result.status == "kernel_died"
     assert "SIGKILL" in (result.message or "")
-    # Detection, then a restart of ~0.5 s: both well inside 2 s of detection budget + start.
-    assert time.monotonic() - killed_at < 2 + manager.settings.startup_timeout
+    # Detection (<= 2 s), then a restart (~0.5 s, more on a loaded machine).
+    assert time.monotonic() - killed_at < 10
     new_info = await manager.kernel_info("s1")
     assert new_info.pid != info.pid
     assert new_info.generation == info.generation + 1
