@@ -99,6 +99,40 @@ async def manager(start_manager: Callable[..., Any]) -> SessionManager:
     return result
 
 
+async def wait_until(condition: Callable[[], bool], what: str, within: float = 60) -> None:
+    """Poll `condition` until it holds; fail with `what` past the deadline (not a speed claim)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def wait_for_exit(pid: int, within: float = 60) -> None:
+    """Wait until process `pid` has exited (a zombie counts: its parent reaps it later)."""
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    await wait_until(gone, f"process {pid} to exit", within)
+
+
+class LiveText:
+    """An `on_output` callback keeping the stream text a running cell has printed so far."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __call__(self, msg: dict[str, Any]) -> None:
+        if msg["header"]["msg_type"] == "stream":
+            self.text += msg["content"]["text"]
+
+    async def wait_for(self, text: str) -> None:
+        await wait_until(lambda: text in self.text, f"the cell to print {text!r}")
+
+
 def text_of(outputs: list[dict[str, Any]], name: str = "stdout") -> str:
     """All stream text of one stream in `outputs`."""
     return "".join(o["text"] for o in outputs if o["output_type"] == "stream" and o["name"] == name)

@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import time
 
 import psutil
 import pytest
 
 from kernel_mcp.sessions import SessionManager
 
-from .conftest import plain_of, text_of
+from .conftest import plain_of, text_of, wait_for_exit, wait_until
 
 pytestmark = pytest.mark.kernel
 
 
-async def _pool_ready(manager: SessionManager, count: int, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    while manager.stats()["pool_ready"] < count:
-        assert time.monotonic() < deadline, "the pool did not fill"
-        await asyncio.sleep(0.05)
+async def _pool_ready(manager: SessionManager, count: int) -> None:
+    await wait_until(lambda: manager.stats()["pool_ready"] >= count, "the pool to fill")
 
 
 async def test_pool_kernels_are_claimed_once_and_refilled(start_manager) -> None:
     manager: SessionManager = await start_manager(pool_size=2)
     await _pool_ready(manager, 2)
-    started = time.monotonic()
+    pooled = {k.kernel_id for k in manager._pool._ready}
     first = await manager.execute("a", "import os; print(os.getcwd())")
-    claim_time = time.monotonic() - started
     assert text_of(first.outputs).strip() == str(manager.settings.workspace / "a")
-    assert claim_time < 0.5, "a pooled kernel answers without a cold start"
+    # The claim's speed is measured in bench/kernel_layer.py; here: it was a pooled kernel.
+    assert (await manager.kernel_info("a")).kernel_id in pooled
     await manager.execute("b", "x = 'b'")
     infos = [await manager.kernel_info(s) for s in ("a", "b")]
     assert len({i.kernel_id for i in infos}) == 2
@@ -49,12 +44,8 @@ async def test_idle_kernel_is_culled_and_the_next_call_is_told(start_manager) ->
     manager: SessionManager = await start_manager(idle_timeout=0.6, cull_interval=0.1)
     await manager.execute("s1", "kept = 1")
     old = await manager.kernel_info("s1")
-    deadline = time.monotonic() + 10
-    while manager.existing("s1").kernel is not None:
-        assert time.monotonic() < deadline, "the idle kernel was not culled"
-        await asyncio.sleep(0.1)
     assert old.pid is not None
-    assert not psutil.pid_exists(old.pid) or psutil.Process(old.pid).status() == "zombie"
+    await wait_for_exit(old.pid)
     result = await manager.execute("s1", "'kept' in globals()")
     assert plain_of(result.outputs) == "False"
     assert result.state_lost

@@ -14,6 +14,8 @@ from .conftest import TIMEOUT_MS, Stack, Ui
 
 pytestmark = [
     pytest.mark.kernel,
+    # Each page check waits up to TIMEOUT_MS on a loaded machine; the backstop sits above that.
+    pytest.mark.timeout(240),
     # gradio's own event analytics use pandas options that pandas 3 deprecates
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting:Warning"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning"),
@@ -150,7 +152,8 @@ async def test_busy_session_and_provider_failure_are_readable(stack: Stack, open
     await ui.run_code("print('meanwhile')")
     await ui.see("#code-output", "running a turn")
     await ui.see("#chat", "Slow answer.")
-    stack.llm.script(*[Error(500, "the provider is down")] * 3)
+    # retry-after 0: litellm retries at once, so the page shows the failure without backoff.
+    stack.llm.script(*[Error(500, "the provider is down", headers={"retry-after": "0"})] * 3)
     await ui.send("again")
     await ui.see("#status", "the provider is down")
     await ui.see("#chat", "Error")
