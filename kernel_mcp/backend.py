@@ -70,6 +70,11 @@ class KernelConnection(abc.ABC):
     on_orphan: Callable[[Message], None] | None = None
     """Called with output messages whose request is no longer being listened to."""
 
+    @property
+    def dead(self) -> bool:
+        """The kernel process has exited (or a restart failed) and no new one runs yet."""
+        return False
+
     @abc.abstractmethod
     def execute(self, code: str, listener: ExecutionListener, *, silent: bool = False) -> str:
         """Send an execute request (stdin disabled); returns its msg_id."""

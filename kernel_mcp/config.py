@@ -60,7 +60,10 @@ class Settings(BaseSettings):
     execute_timeout: float = Field(default=60.0, gt=0, description="Default per-call deadline.")
     max_execute_timeout: float = Field(default=3600.0, gt=0)
     interrupt_grace: float = Field(
-        default=1.0, gt=0, description="Seconds to wait for an interrupt before restarting."
+        default=2.0,
+        gt=0,
+        description="Seconds each of two interrupts gets (and a slow cell to start) before "
+        "the kernel is restarted.",
     )
     startup_timeout: float = Field(default=60.0, gt=0)
     iopub_quiet: float = Field(
@@ -80,6 +83,16 @@ class Settings(BaseSettings):
         default=512 * 1024,
         ge=1024,
         description="Output bytes kept per execution (head and tail); the rest is counted.",
+    )
+    image_cap_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=0,
+        description="Image bytes kept per execution, apart from the text cap; 0 drops images.",
+    )
+    output_spool_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="Cut output kept in a file of the session folder (.outputs/); 0: none.",
     )
     memory_limit_bytes: int = Field(
         default=4 * 1024**3,

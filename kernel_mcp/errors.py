@@ -5,7 +5,8 @@ with status ``"error"``. These are faults of the infrastructure::
 
     KernelError
     ├── KernelStartError          a kernel could not be started or did not become ready
-    ├── CapacityError             the maximum number of kernels is reached
+    ├── CapacityError             the maximum number of kernels is reached (all are busy)
+    ├── KernelClosed              the kernel was shut down (closed session, culled, evicted)
     ├── SessionNotFound (KeyError) no such session
     ├── InvalidSessionId (ValueError)
     └── FileAccessError           a path outside the session folder, too large, missing
@@ -25,6 +26,10 @@ class KernelStartError(KernelError):
 
 class CapacityError(KernelError):
     """No more kernels may be started."""
+
+
+class KernelClosed(KernelError):
+    """The kernel was shut down; a session gets a fresh one on its next call."""
 
 
 class SessionNotFound(KernelError, KeyError):

@@ -1,9 +1,10 @@
 """Run one piece of code on a kernel, as nbclient does, with a timeout ladder.
 
 The shell reply, the IOPub idle status and the kernel's liveness are awaited
-together. Past the deadline the kernel is interrupted (state kept); if it does
-not answer within a grace period it is restarted (state lost). A kernel that
-dies is restarted and the result says so. Code is never re-run.
+together. Past the deadline the kernel is interrupted (state kept), once it is
+known to have begun the code, and a second time if the first is not answered in
+a grace period; only then is it restarted (state lost). A kernel that dies is
+restarted and the result says so. Code is never re-run.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal
 
-from .backend import KernelConnection, Loss, Message
+from .backend import Loss, Message
 from .outputs import Output, OutputCollector
+from .supervisor import KernelSupervisor
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class ExecutionResult:
     """One sentence on anything beyond the code's own outputs (timeout, restart, lost state)."""
     background_outputs: list[Output] = field(default_factory=list)
     """Output printed between calls by code still running in the background (threads)."""
+    output_file: str | None = None
+    """Where the kernel kept the full text of cut output, relative to the session folder."""
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow on purpose: outputs are never mutated after the result is made, and a deep
@@ -52,11 +55,14 @@ class ExecutionResult:
 class _Execution:
     """Listener collecting one request's messages."""
 
-    def __init__(self, cap: int, on_output: Callable[[Message], None] | None) -> None:
-        self.collector = OutputCollector(cap)
+    def __init__(
+        self, cap: int, image_cap: int | None, on_output: Callable[[Message], None] | None
+    ) -> None:
+        self.collector = OutputCollector(cap, image_cap=image_cap)
         self.reply: Message | None = None
         self.idle = False
         self.lost: Loss | None = None
+        self.started = asyncio.Event()
         self.done = asyncio.Event()
         self.replied = asyncio.Event()
         self.last_message = time.monotonic()
@@ -66,11 +72,15 @@ class _Execution:
         self.last_message = time.monotonic()
         msg_type = msg["header"]["msg_type"]
         if msg_type == "status":
-            if msg["content"]["execution_state"] == "idle":
+            state = msg["content"]["execution_state"]
+            if state == "busy":
+                self.started.set()
+            elif state == "idle":
                 self.idle = True
                 if self.reply is not None:
                     self.done.set()
             return
+        self.started.set()
         self.collector.add_message(msg)
         if self._on_output is not None and msg_type != "execute_input":
             try:
@@ -80,6 +90,7 @@ class _Execution:
 
     def on_reply(self, msg: Message) -> None:
         self.reply = msg
+        self.started.set()
         self.replied.set()
         if self.idle:
             self.done.set()
@@ -115,8 +126,8 @@ async def _wait_done(execution: _Execution, timeout: float, quiet_limit: float) 
                 await execution.replied.wait()
         except TimeoutError:
             return False
-    # The reply is in, but output may still be on its way (20,000 displays take seconds to
-    # read on a loaded machine): wait for IOPub idle as long as messages keep coming.
+    # The reply is in; the kernel sends the cell's last output before its idle status, and
+    # caps it at the source, so idle follows soon: wait while messages keep coming.
     while not execution.done.is_set():
         now = time.monotonic()
         quiet = now - execution.last_message
@@ -129,56 +140,47 @@ async def _wait_done(execution: _Execution, timeout: float, quiet_limit: float) 
     return True
 
 
+async def _wait_started(execution: _Execution, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await execution.started.wait()
+
+
 async def run_code(
-    kernel: KernelConnection,
+    kernel: KernelSupervisor,
     code: str,
     *,
     timeout: float,
     grace: float,
     output_cap: int,
-    cwd: Path,
+    image_cap: int | None = None,
     on_output: Callable[[Message], None] | None = None,
-    on_cancel: Callable[[asyncio.Task[None]], None] | None = None,
+    on_lost: Callable[[str], None] | None = None,
+    silent: bool = False,
     iopub_quiet: float = 2.0,
 ) -> ExecutionResult:
     """Execute `code`, apply the timeout ladder, and return what happened.
 
-    If the caller is cancelled, the code is interrupted (or the kernel restarted) by
-    a task handed to `on_cancel`, which the next request on this kernel must await.
+    `silent` runs our own requests: no execution count, no history, no execute_input.
+    If the caller is cancelled, the code is stopped by a task the kernel's supervisor
+    waits for before it sends anything else; if that costs the kernel's state, `on_lost`
+    gets the sentence to tell the session's next call.
     """
     started = time.perf_counter()
-    execution = _Execution(output_cap, on_output)
-    msg_id = kernel.execute(code, execution)
+    execution = _Execution(output_cap, image_cap, on_output)
+    msg_id = await kernel.send(code, execution, silent=silent)
     restarted = False
-    cancelled = False
+    settling = False
     status: Status
     message: str | None = None
     try:
         finished = await _wait_done(execution, timeout, iopub_quiet)
         if not finished:
-            logger.info(
-                "kernel %s: %.3g s timeout reached; interrupting", kernel.kernel_id, timeout
+            status, message, restarted = await _escalate(
+                kernel, execution, timeout, grace, iopub_quiet
             )
-            await kernel.interrupt()
-            finished = await _wait_done(execution, grace, iopub_quiet)
-            if finished and execution.lost is None:
-                status = "timeout_interrupted"
-                message = (
-                    f"Execution exceeded the {timeout:g} s timeout and was interrupted; "
-                    "the kernel and the variables defined before are intact."
-                )
-            elif execution.lost is None:
-                logger.warning("kernel %s ignored the interrupt; restarting", kernel.kernel_id)
-                await kernel.restart(cwd)
-                restarted = True
-                status = "restarted_state_lost"
-                message = (
-                    f"Execution exceeded the {timeout:g} s timeout and did not stop when "
-                    "interrupted, so the kernel was restarted; variables defined earlier are "
-                    "gone. Re-run the cells needed to rebuild state, with less work per call."
-                )
         if message is None and execution.lost is not None:
-            status, message, restarted = await _after_loss(kernel, execution.lost, cwd)
+            status, message, restarted = await _after_loss(kernel, execution.lost)
         elif message is None:
             reply_status = execution.reply["content"]["status"] if execution.reply else "ok"
             status = "ok" if reply_status == "ok" else "error"
@@ -186,44 +188,78 @@ async def run_code(
                 message = "Execution was aborted by the kernel because a previous request failed."
     except asyncio.CancelledError:
         # Cancellation may be re-delivered at every await (anyio scopes): settle in a task.
-        cancelled = True
-        settle = asyncio.create_task(
-            _settle_after_cancel(kernel, execution, grace, cwd, msg_id, iopub_quiet)
-        )
-        if on_cancel is not None:
-            on_cancel(settle)
+        settling = True
+        kernel.settle(_settle_after_cancel(kernel, execution, grace, msg_id, iopub_quiet, on_lost))
         raise
     finally:
-        if not cancelled:
-            kernel.forget(msg_id)
+        if not settling:
+            kernel.done(msg_id)
     collector = execution.collector
     count = collector.execution_count
     if execution.reply is not None:
         count = execution.reply["content"].get("execution_count", count)
     return ExecutionResult(
         status=status,
-        execution_count=count,
+        execution_count=None if silent else count,
         outputs=collector.outputs(),
         elapsed=time.perf_counter() - started,
         truncated=collector.truncated,
-        truncated_bytes=collector.dropped_bytes,
+        truncated_bytes=collector.total_dropped_bytes,
         kernel_restarted=restarted,
         state_lost=restarted,
         message=message,
+        output_file=collector.output_file,
     )
 
 
-async def _after_loss(
-    kernel: KernelConnection, reason: Loss, cwd: Path
-) -> tuple[Status, str, bool]:
+async def _escalate(
+    kernel: KernelSupervisor,
+    execution: _Execution,
+    timeout: float,
+    grace: float,
+    iopub_quiet: float,
+) -> tuple[Status, str | None, bool]:
+    """Past the deadline: interrupt (twice, once the code is known to run), then restart."""
+    logger.info("kernel %s: %.3g s timeout reached; interrupting", kernel.kernel_id, timeout)
+    if not execution.started.is_set():
+        # On a loaded machine the kernel may not have begun the code yet, and an interrupt
+        # that lands before it starts is lost: give it a grace to start.
+        await _wait_started(execution, grace)
+    for _attempt in range(2):
+        if execution.done.is_set():
+            break
+        await kernel.interrupt()
+        if await _wait_done(execution, grace, iopub_quiet):
+            break
+    if execution.lost is not None:
+        return "ok", None, False  # reported by the caller, as any loss
+    if execution.done.is_set():
+        return (
+            "timeout_interrupted",
+            f"Execution exceeded the {timeout:g} s timeout and was interrupted; "
+            "the kernel and the variables defined before are intact.",
+            False,
+        )
+    logger.warning("kernel %s ignored two interrupts; restarting", kernel.kernel_id)
+    await kernel.restart()
+    return (
+        "restarted_state_lost",
+        f"Execution exceeded the {timeout:g} s timeout and did not stop when interrupted, "
+        "so the kernel was restarted; variables defined earlier are gone. Re-run the cells "
+        "needed to rebuild state, with less work per call.",
+        True,
+    )
+
+
+async def _after_loss(kernel: KernelSupervisor, reason: Loss) -> tuple[Status, str, bool]:
     if not reason.died:
         return (
             "restarted_state_lost",
             f"The kernel was {reason} while this code ran; variables defined earlier are gone.",
             True,
         )
-    how = _death_sentence(kernel.exit_code)
-    await kernel.restart(cwd)
+    how = _death_sentence(kernel.connection.exit_code)
+    await kernel.restart()
     if reason is Loss.DIED_IDLE:
         what = (
             f"The kernel {how} after the previous call, so this code was not run. A fresh "
@@ -239,23 +275,31 @@ async def _after_loss(
 
 
 async def _settle_after_cancel(
-    kernel: KernelConnection,
+    kernel: KernelSupervisor,
     execution: _Execution,
     grace: float,
-    cwd: Path,
     msg_id: str,
     iopub_quiet: float,
+    on_lost: Callable[[str], None] | None,
 ) -> None:
     """A cancelled caller: stop the code, so the next request finds an idle kernel."""
     try:
         if execution.done.is_set():
             return
         logger.info("kernel %s: caller cancelled; interrupting", kernel.kernel_id)
-        await kernel.interrupt()
-        finished = await _wait_done(execution, grace, iopub_quiet)
-        if (not finished and execution.lost is None) or (execution.lost and execution.lost.died):
-            await kernel.restart(cwd)
-    except Exception:
-        logger.exception("kernel %s: could not settle after a cancelled call", kernel.kernel_id)
+        for _attempt in range(2):
+            await kernel.interrupt()
+            if await _wait_done(execution, grace, iopub_quiet):
+                break
+        if execution.lost is not None and execution.lost.died:
+            how = _death_sentence(kernel.connection.exit_code)
+            what = f"The kernel {how} while running a call whose caller had gone"
+        elif not execution.done.is_set():
+            what = "A call whose caller had gone did not stop when interrupted, so the kernel"
+        else:
+            return
+        await kernel.restart()
+        if on_lost is not None:
+            on_lost(f"{what} and was restarted; variables defined earlier are gone.")
     finally:
-        kernel.forget(msg_id)
+        kernel.done(msg_id)

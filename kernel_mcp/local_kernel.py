@@ -159,24 +159,34 @@ class LocalKernel(KernelConnection):
                 self._listeners.pop(msg_id, None)
         raise KernelStartError(f"kernel {self.kernel_id} did not become ready in {timeout:.0f} s")
 
+    @property
+    def dead(self) -> bool:
+        return self._dead
+
     async def restart(self, cwd: Path) -> None:
+        # Called only by the kernel's supervisor, one at a time, never cancelled half-way.
         self._lose_all(Loss.RESTARTED)
         self.generation += 1
         self._unwatch_process()
         children = self._children()
-        # Fresh channels: requests still queued for the old process must never reach the new one.
-        await self._close_channels()
-        await self._km.restart_kernel(now=True, newports=False, cwd=str(cwd))
-        _kill_all(children)
-        self._dead = False
-        self.exit_code = None
-        self._kc = self._km.client()
-        self._open_channels()
-        self._watch_process()
-        await self._wait_ready(self._settings.startup_timeout)
+        try:
+            # Fresh channels: requests queued for the old process must never reach the new one.
+            await self._close_channels()
+            await self._km.restart_kernel(now=True, newports=False, cwd=str(cwd))
+            _kill_all(children)
+            self._dead = False
+            self.exit_code = None
+            self._kc = self._km.client()
+            self._open_channels()
+            self._watch_process()
+            await self._wait_ready(self._settings.startup_timeout)
+        except BaseException:
+            self._dead = True  # the next call finds it dead and asks for another restart
+            raise
         logger.info("kernel %s restarted (generation %d)", self.kernel_id, self.generation)
 
     async def shutdown(self) -> None:
+        self._dead = True
         self._lose_all(Loss.SHUT_DOWN)
         self._unwatch_process()
         children = self._children()
@@ -262,15 +272,18 @@ class LocalKernel(KernelConnection):
                     return
                 logger.exception("kernel %s: unreadable message dropped", self.kernel_id)
                 continue
-            parent_id = msg.get("parent_header", {}).get("msg_id")
+            parent = msg.get("parent_header", {})
+            parent_id = parent.get("msg_id")
             listener = self._listeners.get(parent_id) if parent_id else None
             if listener is None:
-                # Output of an earlier request (a background thread) is reported with the
-                # next result; output with no parent is the kernel's own start-up noise.
+                # Output of an earlier request of ours (a background thread) is reported with
+                # the next result. Output with no parent is the kernel's start-up noise, and
+                # output of another client's request (an attached console) is not the session's.
                 if (
                     iopub
                     and parent_id
                     and self.on_orphan
+                    and parent.get("session") == self._kc.session.session
                     and msg["header"]["msg_type"] in _OUTPUT_TYPES
                 ):
                     self.on_orphan(msg)
@@ -412,6 +425,11 @@ class LocalBackend(KernelBackend):
         # Importing skill helpers must not write __pycache__ into the skills folder.
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # debugpy's start-up warning on stderr
+        # The kernel's own output cap (see _kernel_launcher.py), a little under ours so the
+        # marker and the tail it sends are kept whole here.
+        env["KERNEL_AGENT_OUTPUT_CAP"] = str(max(self._settings.output_cap_bytes - 4096, 1024))
+        env["KERNEL_AGENT_IMAGE_CAP"] = str(self._settings.image_cap_bytes)
+        env["KERNEL_AGENT_SPOOL_LIMIT"] = str(self._settings.output_spool_bytes)
         return env
 
     async def start_kernel(self, cwd: Path, *, pooled: bool = False) -> LocalKernel:

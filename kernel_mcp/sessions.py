@@ -2,7 +2,10 @@
 
 The manager owns every kernel: it claims them from the warm pool (or starts one
 cold), runs one execution at a time per session (later calls queue in order),
-culls idle kernels, and shuts everything down on close.
+culls idle kernels, evicts the least recently used idle one when every kernel is
+taken, and shuts everything down on close. Each kernel's lifecycle is serialized
+by its `KernelSupervisor`; retiring a session's kernel (close, cull, evict) also
+holds the session's lock, so no call can meet a kernel half-way shut down.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .config import Settings
 from .errors import (
     CapacityError,
     InvalidSessionId,
+    KernelClosed,
     KernelError,
     KernelStartError,
     SessionNotFound,
@@ -30,33 +34,50 @@ from .errors import (
 from .execution import ExecutionResult, run_code
 from .outputs import OutputCollector
 from .pool import KernelPool
+from .supervisor import KernelSupervisor
 
 logger = logging.getLogger(__name__)
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _BACKGROUND_CAP = 64 * 1024
 
+# Lists the user's variables without running any of the user's code: no repr, no
+# attribute access, no isinstance on user objects (each can be overridden to run code, and
+# code that ignores SIGINT would cost the kernel). Values of a few builtin types show their
+# value; numpy arrays and pandas frames their shape; everything else its type.
 _LIST_VARIABLES = """
 def __kernel_agent_variables():
-    import json, types
+    import json, sys, types
     ip = get_ipython()
     hidden = ip.user_ns_hidden
+    attr = type.__dict__  # read class attributes past any metaclass of the user's
+    module_of, name_of = attr["__module__"].__get__, attr["__qualname__"].__get__
+    plain = (int, float, complex, bool, str, bytes, type(None))
+    sized = (list, tuple, dict, set, frozenset)
+    shaped = {("numpy", "ndarray"), ("pandas.core.frame", "DataFrame"),
+              ("pandas.core.series", "Series")}
     rows = []
     for name, value in list(ip.user_ns.items()):
-        if name.startswith("_") or name in hidden or isinstance(value, types.ModuleType):
+        kind = type(value)
+        if (type(name) is not str or name.startswith("_") or name in hidden
+                or kind is types.ModuleType):
             continue
-        try:
-            text = repr(value)
-        except Exception as exc:
-            text = f"<repr failed: {type(exc).__name__}>"
-        if len(text) > 200:
-            text = text[:197] + "..."
-        row = {"name": name, "type": type(value).__name__, "repr": text}
-        shape = getattr(value, "shape", None)
-        if isinstance(shape, tuple):
-            row["shape"] = list(shape)
+        qualified = (module_of(kind), name_of(kind))
+        row = {"name": name, "type": qualified[1]}
+        if any(kind is t for t in plain):
+            text = repr(value[:300] if kind is str or kind is bytes else value)
+            row["repr"] = text if len(text) <= 200 else text[:197] + "..."
+        elif qualified in shaped:
+            row["shape"] = list(value.shape)
+            row["repr"] = f"<{qualified[1]} of shape {tuple(value.shape)}>"
+        elif any(kind is t for t in sized):
+            row["repr"] = f"<{qualified[1]} of {len(value)} items>"
+        elif kind is types.FunctionType:
+            row["repr"] = f"<function {name}>"
+        else:
+            row["repr"] = f"<{qualified[0]}.{qualified[1]} object>"
         rows.append(row)
-    print(json.dumps(rows))
+    sys.stdout.write(json.dumps(rows) + "\\n")
 __kernel_agent_variables()
 del __kernel_agent_variables
 """
@@ -68,19 +89,15 @@ class KernelSession:
 
     id: str
     folder: Path
-    kernel: KernelConnection | None = None
+    kernel: KernelSupervisor | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held by each call on the session, and by whoever retires its kernel."""
     created: float = field(default_factory=time.time)
     last_activity: float = field(default_factory=time.monotonic)
     notice: str | None = None
-    """Told with the next result: why earlier state is gone (culled, restarted)."""
+    """Told with the next result: why earlier state is gone (culled, evicted, restarted)."""
     background: OutputCollector = field(default_factory=lambda: OutputCollector(_BACKGROUND_CAP))
     closed: bool = False
-    settling: asyncio.Task[None] | None = None
-    """Interrupt/restart after a cancelled call; the next request waits for it."""
-
-    def set_settling(self, task: asyncio.Task[None]) -> None:
-        self.settling = task
 
     @property
     def busy(self) -> bool:
@@ -98,7 +115,7 @@ def validate_session_id(session_id: str) -> str:
 
 
 class SessionManager:
-    """Owns all kernels: sessions, pool, culling."""
+    """Owns all kernels: sessions, pool, culling, eviction."""
 
     def __init__(self, settings: Settings, backend: KernelBackend | None = None) -> None:
         if backend is None:
@@ -108,6 +125,8 @@ class SessionManager:
         self.settings = settings
         self._backend = backend
         self._sessions: dict[str, KernelSession] = {}
+        self._kernels: set[KernelSupervisor] = set()
+        """Every kernel not yet shut down, claimed by a session or being retired."""
         self._pool = KernelPool(backend, settings.pool_size, settings.workspace / ".pool")
         self._cull_task: asyncio.Task[None] | None = None
         self._starting = 0
@@ -132,10 +151,12 @@ class SessionManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cull_task
         await self._pool.close()
-        kernels = [s.kernel for s in self._sessions.values() if s.kernel is not None]
         for session in self._sessions.values():
             session.kernel = None
-        await asyncio.gather(*(k.shutdown() for k in kernels), return_exceptions=True)
+        # Joins any shutdown already under way (a cull the cancellation interrupted).
+        kernels = list(self._kernels)
+        await asyncio.gather(*(k.aclose() for k in kernels), return_exceptions=True)
+        self._kernels.clear()
         await self._backend.close()
         logger.info("session manager closed (%d kernels shut down)", len(kernels))
 
@@ -171,7 +192,7 @@ class SessionManager:
     def stats(self) -> dict[str, Any]:
         return {
             "sessions": len(self._sessions),
-            "kernels_running": sum(1 for s in self._sessions.values() if s.kernel is not None),
+            "kernels_running": len(self._kernels),
             "pool_ready": len(self._pool),
             "pool_size": self.settings.pool_size,
             "max_kernels": self.settings.max_kernels,
@@ -186,9 +207,7 @@ class SessionManager:
             session.closed = True  # calls queued on this session start over on a new one
             if self._sessions.get(session_id) is session:
                 del self._sessions[session_id]
-            if session.kernel is not None:
-                kernel, session.kernel = session.kernel, None
-                await kernel.shutdown()
+            await self._retire(session, None)
         return True
 
     @contextlib.asynccontextmanager
@@ -230,51 +249,49 @@ class SessionManager:
                     timeout=timeout,
                     grace=settings.interrupt_grace,
                     output_cap=settings.output_cap_bytes,
-                    cwd=session.folder,
+                    image_cap=settings.image_cap_bytes,
                     on_output=on_output,
-                    on_cancel=session.set_settling,
+                    on_lost=lambda message: self._tell_later(session, message),
                     iopub_quiet=settings.iopub_quiet,
                 )
             finally:
                 session.last_activity = time.monotonic()
+            notice, session.notice = session.notice, None
         result.background_outputs = background.outputs()
-        if session.notice:
-            result.message = " ".join(filter(None, [session.notice, result.message]))
+        if notice:
+            result.message = " ".join(filter(None, [notice, result.message]))
             result.state_lost = True
-            session.notice = None
         return result
 
     async def interrupt(self, session_id: str) -> bool:
         """Interrupt the running code; False when the session has no kernel."""
         session = self.existing(session_id)
-        if session.kernel is None:
+        if session.kernel is None or session.kernel.closed:
             return False
         await session.kernel.interrupt()
         return True
 
     async def restart(self, session_id: str) -> None:
-        """Restart the session's kernel (its variables are lost)."""
+        """Restart the session's kernel (its variables are lost).
+
+        Not behind the session's lock, so it can stop a cell that hangs: that call is told
+        the kernel was restarted. Concurrent restarts become one.
+        """
         session = self.session(session_id)
-        if session.kernel is None:
-            async with self._locked(session_id) as session:
-                await self._kernel_for(session)
-            return
-        await session.kernel.restart(session.folder)
-        session.notice = None
-        session.last_activity = time.monotonic()
+        kernel = session.kernel
+        if kernel is not None and not kernel.closed:
+            with contextlib.suppress(KernelClosed):  # retired meanwhile: a fresh one below
+                await kernel.restart()
+                session.notice = None  # the caller asked for it and is told by the tool
+                session.last_activity = time.monotonic()
+                return
+        async with self._locked(session_id) as session:
+            await self._kernel_for(session)
+            session.notice = None
 
     async def list_variables(self, session_id: str) -> list[dict[str, Any]]:
-        """Names, types and short reprs of the user's variables."""
-        async with self._locked(session_id) as session:
-            kernel = await self._kernel_for(session)
-            result = await run_code(
-                kernel,
-                _LIST_VARIABLES,
-                timeout=self.settings.internal_timeout,
-                grace=self.settings.interrupt_grace,
-                output_cap=4 * 1024 * 1024,
-                cwd=session.folder,
-            )
+        """Names, types and short descriptions of the user's variables (no user code runs)."""
+        result = await self._internal(session_id, _LIST_VARIABLES)
         text = "".join(
             o["text"]
             for o in result.outputs
@@ -289,48 +306,110 @@ class SessionManager:
         """Kernel id, pid, connection file and language of the session's kernel."""
         async with self._locked(session_id) as session:
             kernel = await self._kernel_for(session)
-        return kernel.info()
+        return kernel.connection.info()
 
     # -- internals ------------------------------------------------------------
 
-    async def _kernel_for(self, session: KernelSession) -> KernelConnection:
-        """The session's kernel, claimed or started on first use. Hold session.lock."""
-        if session.settling is not None:
-            settling, session.settling = session.settling, None
-            await asyncio.shield(settling)
-        if session.kernel is not None:
-            return session.kernel
-        running = sum(1 for s in self._sessions.values() if s.kernel is not None) + self._starting
-        if running >= self.settings.max_kernels:
-            raise CapacityError(
-                f"all {self.settings.max_kernels} kernels are in use; close an idle session "
-                "or raise KERNEL_MCP_MAX_KERNELS"
+    async def _internal(self, session_id: str, code: str) -> ExecutionResult:
+        """Run our own code: silent (no count, no history), its state loss kept for later."""
+        async with self._locked(session_id) as session:
+            kernel = await self._kernel_for(session)
+            result = await run_code(
+                kernel,
+                code,
+                timeout=self.settings.internal_timeout,
+                grace=self.settings.interrupt_grace,
+                output_cap=4 * 1024 * 1024,
+                on_lost=lambda message: self._tell_later(session, message),
+                silent=True,
+                iopub_quiet=self.settings.iopub_quiet,
             )
+            if result.state_lost and result.message:
+                # Nobody else sees this result: the next execution must hear of the loss.
+                self._tell_later(session, result.message)
+        return result
+
+    @staticmethod
+    def _tell_later(session: KernelSession, message: str) -> None:
+        """The session's next execution result says `message` (why its state is gone)."""
+        session.notice = " ".join(filter(None, [session.notice, message]))
+
+    async def _kernel_for(self, session: KernelSession) -> KernelSupervisor:
+        """The session's kernel, claimed or started on first use. Hold session.lock."""
+        if session.kernel is not None and not session.kernel.closed:
+            return session.kernel
+        session.kernel = None
+        if len(self._kernels) + self._starting >= self.settings.max_kernels:
+            await self._evict_for(session)
         self._starting += 1
         try:
-            kernel = await self._pool.claim()
-            if kernel is not None:
+            connection = await self._pool.claim()
+            if connection is not None:
+                kernel = self._supervise(connection, session.folder)
                 try:
                     await self._move_to(kernel, session.folder)
-                    kernel.assign()
+                    connection.assign()
                 except BaseException:
-                    await asyncio.shield(kernel.shutdown())  # never leak a claimed kernel
+                    await asyncio.shield(self._shut(kernel))  # never leak a claimed kernel
                     raise
             else:
-                kernel = await self._backend.start_kernel(session.folder)
+                connection = await self._backend.start_kernel(session.folder)
+                kernel = self._supervise(connection, session.folder)
         finally:
             self._starting -= 1
-        kernel.on_orphan = lambda msg: self._on_background(session, msg)
+        connection.on_orphan = lambda msg: self._on_background(session, msg)
         session.kernel = kernel
         session.last_activity = time.monotonic()
         logger.info("session %s: kernel %s", session.id, kernel.kernel_id)
         return kernel
 
+    def _supervise(self, connection: KernelConnection, folder: Path) -> KernelSupervisor:
+        kernel = KernelSupervisor(connection, folder, start_wait=self.settings.interrupt_grace)
+        self._kernels.add(kernel)
+        return kernel
+
+    async def _shut(self, kernel: KernelSupervisor) -> None:
+        try:
+            await kernel.aclose()
+        finally:
+            self._kernels.discard(kernel)
+
+    async def _retire(self, session: KernelSession, notice: str | None) -> None:
+        """Shut the session's kernel down and say why on its next call. Hold session.lock."""
+        kernel, session.kernel = session.kernel, None
+        if kernel is None:
+            return
+        if notice:
+            self._tell_later(session, notice)
+        await self._shut(kernel)
+
+    async def _evict_for(self, session: KernelSession) -> None:
+        """At capacity: shut the least recently used idle kernel down, or refuse."""
+        idle = [
+            s
+            for s in self._sessions.values()
+            if s is not session and s.kernel is not None and not s.busy
+        ]
+        if not idle:
+            raise CapacityError(
+                f"all {self.settings.max_kernels} kernels are busy; try again when a call "
+                "finishes, or raise KERNEL_MCP_MAX_KERNELS"
+            )
+        victim = min(idle, key=lambda s: s.last_activity)
+        async with victim.lock:  # free now (not busy): taken without waiting
+            logger.info("session %s: kernel evicted to make room (at capacity)", victim.id)
+            await self._retire(
+                victim,
+                f"This session's previous kernel was shut down to make room for another "
+                f"session (all {self.settings.max_kernels} kernels were in use) and a fresh "
+                "one started; variables defined earlier are gone.",
+            )
+
     @staticmethod
     def _on_background(session: KernelSession, msg: Message) -> None:
         session.background.add_message(msg)
 
-    async def _move_to(self, kernel: KernelConnection, folder: Path) -> None:
+    async def _move_to(self, kernel: KernelSupervisor, folder: Path) -> None:
         code = f"import os as __ka_os; __ka_os.chdir({str(folder)!r}); del __ka_os"
         result = await run_code(
             kernel,
@@ -338,7 +417,8 @@ class SessionManager:
             timeout=self.settings.internal_timeout,
             grace=self.settings.interrupt_grace,
             output_cap=65536,
-            cwd=folder,
+            silent=True,
+            iopub_quiet=self.settings.iopub_quiet,
         )
         if result.status != "ok":
             raise KernelStartError(f"a pooled kernel could not move to {folder}: {result.status}")
@@ -354,18 +434,17 @@ class SessionManager:
 
     async def cull_idle(self) -> int:
         """Shut down kernels idle past the timeout; returns how many."""
-        now = time.monotonic()
         culled = 0
         for session in list(self._sessions.values()):
-            idle = now - session.last_activity
+            idle = time.monotonic() - session.last_activity
             if session.kernel is None or session.busy or idle < self.settings.idle_timeout:
                 continue
-            kernel, session.kernel = session.kernel, None
-            session.notice = (
-                f"This session's previous kernel was shut down after {idle:.0f} s idle and a "
-                "fresh one started; variables defined earlier are gone."
-            )
-            await kernel.shutdown()
+            async with session.lock:  # free now (not busy): taken without waiting
+                await self._retire(
+                    session,
+                    f"This session's previous kernel was shut down after {idle:.0f} s idle "
+                    "and a fresh one started; variables defined earlier are gone.",
+                )
             culled += 1
             logger.info("session %s: kernel culled after %.0f s idle", session.id, idle)
         return culled

@@ -9,7 +9,7 @@ import pytest
 from kernel_mcp.errors import CapacityError, InvalidSessionId
 from kernel_mcp.sessions import SessionManager
 
-from .conftest import plain_of, text_of, wait_until
+from .conftest import LiveText, plain_of, text_of, wait_for_exit, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -89,10 +89,16 @@ async def test_huge_print_is_truncated_with_head_tail_and_marker(manager: Sessio
     assert text.startswith("<head>")
     assert text.rstrip().endswith("<tail>")
     assert f"{result.truncated_bytes:,} bytes truncated" in text
-    marker = f"\n[... {result.truncated_bytes:,} bytes truncated ...]\n"
+    assert result.output_file
+    marker = f"\n[... {result.truncated_bytes:,} bytes truncated; full text in "
+    assert f"{marker}{result.output_file} ...]\n" in text
+    marker_size = len(marker) + len(result.output_file) + len(" ...]\n")
     printed = len("<head>") + 50_000_000 + len("<tail>\n")
-    assert len(text) - len(marker) + result.truncated_bytes == printed, "every byte accounted for"
+    assert len(text) - marker_size + result.truncated_bytes == printed, "every byte accounted for"
     assert result.truncated_bytes > 40_000_000
+    # The whole text was kept in the session folder, where read_file and the user find it.
+    full = (manager.settings.workspace / "s1" / result.output_file).read_text()
+    assert full == "<head>" + "y" * 50_000_000 + "<tail>\n"
 
 
 # The 120 s execution deadline under test must fire before pytest-timeout's backstop.
@@ -208,11 +214,43 @@ async def test_concurrent_calls_on_one_session_queue_in_order(manager: SessionMa
     assert plain_of(final.outputs) == str(list(range(8)))
 
 
-async def test_capacity_limit_is_a_clear_error(start_manager) -> None:
+async def test_at_capacity_the_least_recently_used_idle_kernel_is_evicted(
+    start_manager,
+) -> None:
+    manager = await start_manager(max_kernels=2)
+    await manager.execute("old", "kept = 1")
+    await manager.execute("recent", "kept = 2")
+    old_pid = (await manager.kernel_info("old")).pid
+    third = await manager.execute("third", "1 + 1")
+    assert third.status == "ok"
+    assert not third.state_lost
+    assert manager.stats()["kernels_running"] == 2
+    assert old_pid is not None
+    await wait_for_exit(old_pid)
+    # The evicted session is told on its next call; the other one kept its state.
+    told = await manager.execute("old", "'kept' in globals()")
+    assert plain_of(told.outputs) == "False"
+    assert told.state_lost
+    assert "make room" in (told.message or "")
+    assert plain_of((await manager.execute("third", "2")).outputs) == "2"
+
+
+async def test_at_capacity_with_every_kernel_busy_is_a_clear_error(start_manager) -> None:
     manager = await start_manager(max_kernels=1)
-    await manager.execute("one", "1")
+    live = LiveText()
+    running = asyncio.create_task(
+        manager.execute(
+            "one",
+            "import time\nprint('running', flush=True)\ntime.sleep(3600)",
+            timeout=300,
+            on_output=live,
+        )
+    )
+    await live.wait_for("running")
     with pytest.raises(CapacityError, match="KERNEL_MCP_MAX_KERNELS"):
         await manager.execute("two", "1")
+    assert await manager.interrupt("one")
+    assert (await running).outputs[-1]["ename"] == "KeyboardInterrupt"
 
 
 async def test_invalid_session_ids_are_refused(manager: SessionManager) -> None:

@@ -145,7 +145,7 @@ async def test_kernel_dead_while_idle_is_reported_and_code_never_runs_twice(
     kernel = manager.existing("s1").kernel
     assert kernel is not None
     os.kill(info.pid or 0, signal.SIGKILL)
-    await wait_until(lambda: kernel.exit_code is not None, "the death to be seen")
+    await wait_until(lambda: kernel.state == "dead", "the death to be seen")
     result = await manager.execute("s1", "ran = 'yes'", timeout=300)
     assert result.status == "kernel_died"
     assert "not run" in (result.message or "")
