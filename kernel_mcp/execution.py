@@ -63,6 +63,8 @@ class _Execution:
         self.idle = False
         self.lost: Loss | None = None
         self.started = asyncio.Event()
+        self.restarting = False
+        """This call asked for a restart (its timeout ladder, or its kernel died)."""
         self.done = asyncio.Event()
         self.replied = asyncio.Event()
         self.last_message = time.monotonic()
@@ -180,7 +182,7 @@ async def run_code(
                 kernel, execution, timeout, grace, iopub_quiet
             )
         if message is None and execution.lost is not None:
-            status, message, restarted = await _after_loss(kernel, execution.lost)
+            status, message, restarted = await _after_loss(kernel, execution)
         elif message is None:
             reply_status = execution.reply["content"]["status"] if execution.reply else "ok"
             status = "ok" if reply_status == "ok" else "error"
@@ -241,6 +243,7 @@ async def _escalate(
             False,
         )
     logger.warning("kernel %s ignored two interrupts; restarting", kernel.kernel_id)
+    execution.restarting = True
     await kernel.restart()
     return (
         "restarted_state_lost",
@@ -251,7 +254,9 @@ async def _escalate(
     )
 
 
-async def _after_loss(kernel: KernelSupervisor, reason: Loss) -> tuple[Status, str, bool]:
+async def _after_loss(kernel: KernelSupervisor, execution: _Execution) -> tuple[Status, str, bool]:
+    reason = execution.lost
+    assert reason is not None
     if not reason.died:
         return (
             "restarted_state_lost",
@@ -259,8 +264,10 @@ async def _after_loss(kernel: KernelSupervisor, reason: Loss) -> tuple[Status, s
             True,
         )
     how = _death_sentence(kernel.connection.exit_code)
+    execution.restarting = True
     await kernel.restart()
-    if reason is Loss.DIED_IDLE:
+    if reason is Loss.DIED_IDLE or not execution.started.is_set():
+        # Dead before it began this code (also when the death was seen only after sending).
         what = (
             f"The kernel {how} after the previous call, so this code was not run. A fresh "
             "kernel was started; variables defined earlier are gone. Re-create what the code "
@@ -284,6 +291,13 @@ async def _settle_after_cancel(
 ) -> None:
     """A cancelled caller: stop the code, so the next request finds an idle kernel."""
     try:
+        if execution.restarting:
+            # Cancelled while its own restart ran: that restart finishes (the supervisor
+            # owns it); nobody was told of it yet.
+            if on_lost is not None:
+                on_lost("The kernel was restarted after a call whose caller had gone timed out "
+                        "or died; variables defined earlier are gone.")  # fmt: skip
+            return
         if execution.done.is_set():
             return
         logger.info("kernel %s: caller cancelled; interrupting", kernel.kernel_id)
