@@ -3,10 +3,11 @@
 Run by path (not as a package module) so the kernel imports nothing of kernel_mcp:
 ``python _kernel_launcher.py <limit-bytes> -f <connection file> [ipykernel args]``.
 
-Output is capped here, at the source, in the one place every IOPub message passes
-(`Session.send` on the IOPub socket): per request, the first half of the cap goes out
+Output is capped here, at the source: stream text as it is written (in the writer's
+thread, so no buffer grows), every other output where IOPub messages are sent
+(`Session.send` on the IOPub socket). Per request, the first half of the cap goes out
 live, the last half is held back and sent just before the request's `idle` status,
-and what falls between is counted and written to a file in the working folder. So
+and what falls between is counted and its text written to a file in the working folder. So
 neither ZeroMQ's queues nor kernel_mcp ever hold more than the cap, and a cell's
 output always arrives before its own `idle`. Settings come from the environment:
 ``KERNEL_AGENT_OUTPUT_CAP`` (text bytes per request), ``KERNEL_AGENT_IMAGE_CAP``
@@ -53,7 +54,12 @@ def _encoded(text: str) -> bytes:
 
 
 class _Budget:
-    """One request's output: head sent live, tail held back, the middle counted and spooled."""
+    """One request's output: head sent live, tail held back, the middle counted and spooled.
+
+    The tail is a queue of pieces, each `[kind, payload, size]`: a stream's text as written
+    (`"stream"`, `(name, text)`) or a whole message (`"msg"`, msg). Pieces are trimmed from
+    the front, so each write costs what it writes, however many there are.
+    """
 
     def __init__(self, cap: int, image_cap: int, spool_limit: int, name: str) -> None:
         self.cap = cap
@@ -69,70 +75,78 @@ class _Budget:
     def reset(self) -> None:
         """Start over (clear_output): what was shown is gone, so is what was counted."""
         self.head_left = self.cap // 2
-        self.tail: deque[dict[str, Any]] = deque()
+        self.tail: deque[list[Any]] = deque()
         self.tail_bytes = 0
         self.dropped_bytes = 0
         self.dropped_outputs = 0
         self.head_text: list[str] = []  # stream text sent live, for the spool file
 
+    def write(self, name: str, text: str) -> str:
+        """Stream text written in the kernel: the part to send now (the rest is held)."""
+        size = len(text) if text.isascii() else len(_encoded(text))
+        if self.finished:
+            # Written by a thread after its cell ended: no tail can follow, so only a head.
+            if size > self.head_left:
+                return ""
+            self.head_left -= size
+            return text
+        if not self.tail and size <= self.head_left:
+            self.head_left -= size
+            self.head_text.append(text)
+            return text
+        now = ""
+        if not self.tail and self.head_left > 0:
+            # Split at the head's end: the start goes now, the rest is held back.
+            now = _encoded(text)[: self.head_left].decode("utf-8", "ignore")
+            self.head_text.append(now)
+            text = text[len(now) :]
+            size -= len(_encoded(now))
+        self.head_left = 0
+        self._spool(text)
+        self._hold(["stream", (name, text), size])
+        return now
+
     def take(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
-        """The messages to send now in place of `msg`."""
-        msg_type = msg["header"]["msg_type"]
-        content = msg["content"]
-        text, image = _size(msg_type, content)
+        """A rich output or error about to be sent: the messages to send now."""
+        text, image = _size(msg["header"]["msg_type"], msg["content"])
         if image:
             if image > self.image_left:
                 self.dropped_outputs += 1
                 return []
             self.image_left -= image
         if self.finished:
-            # Output of a thread after its cell ended: no tail can follow, so only a head.
             if text > self.head_left:
                 return []
             self.head_left -= text
             return [msg]
-        if text <= self.head_left and not self.tail:
+        if not self.tail and text <= self.head_left:
             self.head_left -= text
-            if msg_type == "stream":
-                self.head_text.append(content["text"])
             return [msg]
-        sent: list[dict[str, Any]] = []
-        if msg_type == "stream" and self.head_left > 0 and not self.tail:
-            # Split a stream at the head's end: its start goes now, the rest is held back.
-            cut = _encoded(content["text"])[: self.head_left].decode("utf-8", "ignore")
-            sent.append({**msg, "content": {**content, "text": cut}})
-            self.head_text.append(cut)
-            msg = {**msg, "content": {**content, "text": content["text"][len(cut) :]}}
-            text -= len(_encoded(cut))
         self.head_left = 0
-        self._hold(msg, text)
-        return sent
+        self._hold(["msg", msg, text])
+        return []
 
-    def _hold(self, msg: dict[str, Any], size: int) -> None:
-        if msg["header"]["msg_type"] == "stream":
-            self._spool(msg["content"]["text"])
-        self.tail.append(msg)
-        self.tail_bytes += size
+    def _hold(self, piece: list[Any]) -> None:
+        self.tail.append(piece)
+        self.tail_bytes += piece[2]
         tail_cap = self.cap - self.cap // 2
         while self.tail_bytes > tail_cap:
             first = self.tail[0]
             excess = self.tail_bytes - tail_cap
-            if first["header"]["msg_type"] == "stream":
-                data = _encoded(first["content"]["text"])
-                if len(data) > excess:  # keep the end of the stream
-                    keep = data[excess:].decode("utf-8", "ignore")
-                    removed = len(data) - len(_encoded(keep))
-                    first["content"] = {**first["content"], "text": keep}
-                    self.tail_bytes -= removed
-                    self.dropped_bytes += removed
-                    return
-                removed = len(data)
-            else:
-                removed = _size(first["header"]["msg_type"], first["content"])[0]
-                self.dropped_outputs += 1
+            if first[0] == "stream" and first[2] > excess:
+                # Keep the end of the stream text.
+                name, text = first[1]
+                keep = _encoded(text)[excess:].decode("utf-8", "ignore")
+                removed = first[2] - len(_encoded(keep))
+                first[1], first[2] = (name, keep), first[2] - removed
+                self.tail_bytes -= removed
+                self.dropped_bytes += removed
+                return
             self.tail.popleft()
-            self.tail_bytes -= removed
-            self.dropped_bytes += removed
+            self.tail_bytes -= first[2]
+            self.dropped_bytes += first[2]
+            if first[0] == "msg":
+                self.dropped_outputs += 1
 
     def _spool(self, text: str) -> None:
         if self.spool is None:
@@ -159,9 +173,8 @@ class _Budget:
             self.spool.write(text[:room])
             self.spooled += min(len(text), room)
             if self.spooled >= self.spool_limit:
-                self.spool.write(
-                    f"\n[... output past {self.spool_limit:,} characters not kept ...]\n"
-                )
+                limit = f"{self.spool_limit:,}"
+                self.spool.write(f"\n[... output past {limit} characters not kept ...]\n")
         except OSError:
             self.spool_limit = 0
 
@@ -173,7 +186,20 @@ class _Budget:
         if self.spool is not None:
             self.spool.close()
             self.spool = None
-        held, self.tail, self.tail_bytes = list(self.tail), deque(), 0
+        held: list[dict[str, Any]] = []
+        text: list[str] = []
+        for index, (kind, payload, _) in enumerate(self.tail):
+            if kind == "msg":
+                held.append(payload)
+                continue
+            name, piece = payload
+            text.append(piece)
+            following = self.tail[index + 1] if index + 1 < len(self.tail) else None
+            if following is None or following[0] != "stream" or following[1][0] != name:
+                content = {"name": name, "text": "".join(text)}
+                held.append(session.msg("stream", content, parent=parent))
+                text = []
+        self.tail, self.tail_bytes = deque(), 0
         if not (self.dropped_bytes or self.dropped_outputs):
             return held
         marker = {
@@ -190,7 +216,9 @@ class _Budget:
 
 
 class OutputCap:
-    """Bounds every request's IOPub output; installed on the kernel's Session."""
+    """Bounds every request's IOPub output; installed on the kernel's Session and streams."""
+
+    installed: "OutputCap | None" = None
 
     def __init__(self, session: Any, iopub: tuple[Any, ...]) -> None:
         self._session = session
@@ -201,6 +229,7 @@ class OutputCap:
         self._spool_limit = int(os.environ.get("KERNEL_AGENT_SPOOL_LIMIT", 64 * 1024 * 1024))
         self._budgets: dict[str, _Budget] = {}
         self._lock = threading.Lock()
+        OutputCap.installed = self
         self._count = 0
         session.send = self.send
 
@@ -218,6 +247,17 @@ class OutputCap:
             self._send(stream, out, ident=ident, buffers=buffers, track=track)
         return msg
 
+    def _budget(self, msg_id: str) -> _Budget:
+        budget = self._budgets.get(msg_id)
+        if budget is None:
+            self._count += 1
+            name = time.strftime("output-%Y%m%d-%H%M%S-") + str(self._count)
+            budget = _Budget(self._cap, self._image_cap, self._spool_limit, name)
+            self._budgets[msg_id] = budget
+            while len(self._budgets) > 64:  # ended requests: a few stay for their threads
+                self._budgets.pop(next(iter(self._budgets)))
+        return budget
+
     def _filter(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
         msg_type = msg["header"]["msg_type"]
         parent = msg.get("parent_header") or {}
@@ -229,12 +269,7 @@ class OutputCap:
             if budget is None:
                 if msg_type not in _OUTPUT_TYPES:
                     return [msg]
-                self._count += 1
-                name = time.strftime("output-%Y%m%d-%H%M%S-") + str(self._count)
-                budget = _Budget(self._cap, self._image_cap, self._spool_limit, name)
-                self._budgets[msg_id] = budget
-                while len(self._budgets) > 64:  # ended requests: a few stay for their threads
-                    self._budgets.pop(next(iter(self._budgets)))
+                budget = self._budget(msg_id)
             if msg_type == "status":
                 if msg["content"].get("execution_state") == "idle" and not budget.finished:
                     return [*budget.finish(self._session, parent), msg]
@@ -242,9 +277,17 @@ class OutputCap:
             if msg_type == "clear_output":
                 budget.reset()
                 return [msg]
-            if msg_type not in _OUTPUT_TYPES:
-                return [msg]
+            if msg_type not in _OUTPUT_TYPES or msg_type == "stream":
+                return [msg]  # stream text was capped as it was written
             return budget.take(msg)
+
+    def write(self, name: str, parent: dict[str, Any], text: str) -> str:
+        """Stream text written under `parent`: the part to send now."""
+        header = parent.get("header", parent)
+        if self._cap <= 0 or header.get("msg_type") != "execute_request":
+            return text
+        with self._lock:
+            return self._budget(header.get("msg_id", "")).write(name, text)
 
 
 def main() -> None:
@@ -257,6 +300,7 @@ def main() -> None:
     # The launcher's own folder must not shadow user modules.
     sys.path[:] = [p for p in sys.path if not p.endswith("kernel_mcp")]
     import zmq
+    from ipykernel.iostream import OutStream
     from ipykernel.ipkernel import IPythonKernel
     from ipykernel.kernelapp import IPKernelApp
 
@@ -275,6 +319,21 @@ def main() -> None:
             self.log.warning("refused a shutdown request from an attached client")
             if self.session is not None:
                 self.session.send(stream, "shutdown_reply", content, parent, ident=ident)
+
+    original_write = OutStream.write
+
+    def capped_write(self: OutStream, string: str) -> int | None:
+        # Capped as it is written, in the writer's thread: the stream's buffer never holds
+        # more than the cap, and its flush before the reply is quick.
+        cap = OutputCap.installed
+        if cap is None or not isinstance(string, str) or self.name not in ("stdout", "stderr"):
+            return original_write(self, string)
+        now = cap.write(self.name, self.parent_header, string)
+        if now:
+            original_write(self, now)
+        return len(string)
+
+    OutStream.write = capped_write  # type: ignore[method-assign]
 
     class KernelApp(IPKernelApp):
         kernel_class = Kernel

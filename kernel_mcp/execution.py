@@ -91,6 +91,9 @@ class _Execution:
                 logger.exception("live output callback failed")
 
     def on_reply(self, msg: Message) -> None:
+        # The kernel holds back the end of a long output until the cell ends: after a quiet
+        # cell, the wait for the rest counts from the reply.
+        self.last_message = time.monotonic()
         self.reply = msg
         self.started.set()
         self.replied.set()
