@@ -7,9 +7,11 @@ STAMP  := $(VENV)/.installed-stamp
 .PHONY: run test install lint bench lab clean
 
 run: $(STAMP)
+	sh scripts/ensure_bubblewrap.sh
 	$(BIN)/python scripts/run_stack.py
 
 test: $(STAMP)
+	sh scripts/ensure_bubblewrap.sh
 	sh scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest
 
@@ -34,6 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 bench: $(STAMP)
+	sh scripts/ensure_bubblewrap.sh
 	for b in kernel_layer mcp_server agent_turn notebook_export; do \
 		[ -f bench/$$b.py ] || continue; $(BIN)/python bench/$$b.py || exit 1; done
 

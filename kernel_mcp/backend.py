@@ -126,3 +126,11 @@ class KernelBackend(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release what `start` prepared."""
+
+    def claim_folder(self, kernel: KernelConnection, folder: Path) -> Path:
+        """A session claimed pooled `kernel`: give it `folder` as its working folder.
+
+        Returns the folder's path as the kernel sees it (the session layer changes the
+        kernel's cwd to it).
+        """
+        return folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -101,6 +102,26 @@ class Settings(BaseSettings):
     )
     kernel_env_allow: tuple[str, ...] = DEFAULT_ENV_ALLOW
 
+    sandbox: Literal["bwrap", "none"] = Field(
+        default="bwrap",
+        description="bwrap: every kernel in its own bubblewrap sandbox; none: unsandboxed.",
+    )
+    kernel_network: Literal["none", "host"] = Field(
+        default="none",
+        description="none: sandboxed kernels reach no network; host: the machine's network.",
+    )
+    sandbox_uid: int = Field(default=65534, ge=1, description="The kernel's uid in the sandbox.")
+    sandbox_gid: int = Field(default=65534, ge=1, description="The kernel's gid in the sandbox.")
+    sandbox_tmp_bytes: int = Field(
+        default=512 * 1024**2,
+        ge=1024**2,
+        description="Size of a sandboxed kernel's private /tmp and of its /dev/shm (RAM).",
+    )
+    sandbox_read_only: list[Path] = Field(
+        default_factory=list,
+        description="Extra host paths sandboxed kernels may read (JSON list), e.g. data sets.",
+    )
+
     model_text_chars: int = Field(
         default=20_000, ge=500, description="Text of one result given to the model (head+tail)."
     )
@@ -135,6 +156,12 @@ class Settings(BaseSettings):
         self.workspace = self.workspace.expanduser().resolve()
         self.runtime_dir = self.runtime_dir.expanduser().resolve()
         self.skills_dir = self.skills_dir.expanduser().resolve()
+        self.sandbox_read_only = [p.expanduser().resolve() for p in self.sandbox_read_only]
         if self.execute_timeout > self.max_execute_timeout:
             raise ValueError("execute_timeout must not exceed max_execute_timeout")
+        if self.sandbox == "bwrap" and self.kernel_network == "none" and self.transport == "tcp":
+            raise ValueError(
+                "KERNEL_MCP_TRANSPORT=tcp cannot reach a sandboxed kernel that has no network: "
+                "use the default ipc transport, or KERNEL_MCP_KERNEL_NETWORK=host"
+            )
         return self

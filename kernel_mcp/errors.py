@@ -5,6 +5,7 @@ with status ``"error"``. These are faults of the infrastructure::
 
     KernelError
     ├── KernelStartError          a kernel could not be started or did not become ready
+    │   └── SandboxUnavailable    bubblewrap is missing or cannot start a sandbox here
     ├── CapacityError             the maximum number of kernels is reached (all are busy)
     ├── KernelClosed              the kernel was shut down (closed session, culled, evicted)
     ├── SessionNotFound (KeyError) no such session
@@ -22,6 +23,10 @@ class KernelError(Exception):
 
 class KernelStartError(KernelError):
     """A kernel failed to start or to answer its first request in time."""
+
+
+class SandboxUnavailable(KernelStartError):
+    """Kernels must run sandboxed, and bubblewrap is missing or does not work here."""
 
 
 class CapacityError(KernelError):

@@ -1,18 +1,32 @@
-"""File access confined to one session folder.
+"""File access confined to one session folder, safe against a kernel racing it.
 
-Every path is relative to the folder; absolute paths, `..` and symlinks that
-resolve outside it are refused. Reads and writes are bounded in size.
+Kernel code can change the session folder while a tool reads it: swap a file for a
+symlink, a folder for a link to `/`. So nothing is resolved first and opened later:
+every path is walked from a handle on the session folder, one component at a time,
+each opened relative to the previous one with `O_NOFOLLOW` (a symlink anywhere in
+the path is refused, at the moment it is opened). Absolute paths and `..` are refused
+before any of that. Reads and writes are bounded in size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import FileAccessError, FileTooLarge
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO the kernel put in place of a file must not hang the server.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -24,8 +38,8 @@ class SessionFiles:
     max_write_bytes: int
     max_entries: int = 1000
 
-    def resolve(self, path: str) -> Path:
-        """The absolute path of `path` inside the root, or FileAccessError."""
+    def parts(self, path: str) -> tuple[str, ...]:
+        """The components of `path` inside the root, or FileAccessError."""
         if "\x00" in path:
             raise FileAccessError("path contains a NUL byte")
         pure = PurePosixPath(path.replace("\\", "/"))
@@ -35,58 +49,65 @@ class SessionFiles:
             )
         if ".." in pure.parts:
             raise FileAccessError(f"{path!r} leaves the session folder ('..' is not allowed)")
-        root = self.root.resolve()
-        target = (root / pure).resolve()
-        if target != root and root not in target.parents:
-            raise FileAccessError(f"{path!r} resolves outside the session folder (symlink)")
-        return target
-
-    def relative(self, target: Path) -> str:
-        rel = target.relative_to(self.root.resolve()).as_posix()
-        return rel or "."
+        return tuple(p for p in pure.parts if p != ".")
 
     def list(self, path: str = ".") -> list[dict[str, Any]]:
         """Entries of a folder: name, type, size and modification time (UTC)."""
-        folder = self.resolve(path)
-        if not folder.exists():
-            raise FileAccessError(f"{path!r} does not exist")
-        if not folder.is_dir():
-            raise FileAccessError(f"{path!r} is a file, not a folder; use read_file")
-        entries = []
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name)[: self.max_entries]:
-            stat = entry.stat(follow_symlinks=False)
-            kind = "dir" if entry.is_dir(follow_symlinks=False) else "file"
-            if entry.is_symlink():
-                kind = "symlink"
-            entries.append(
-                {
-                    "name": entry.name,
-                    "path": self.relative(folder / entry.name) if kind != "symlink" else entry.name,
-                    "type": kind,
-                    "size": stat.st_size,
-                    "modified": datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(),
-                }
-            )
+        parts = self.parts(path)
+        with self._folder(path, parts) as fd:
+            entries = []
+            with os.scandir(fd) as scan:
+                found = sorted(scan, key=lambda e: e.name)[: self.max_entries]
+            for entry in found:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                kind = "file"
+                if stat.S_ISDIR(info.st_mode):
+                    kind = "dir"
+                elif stat.S_ISLNK(info.st_mode):
+                    kind = "symlink"
+                rel = "/".join((*parts, entry.name))
+                entries.append(
+                    {
+                        "name": entry.name,
+                        "path": rel if kind != "symlink" else entry.name,
+                        "type": kind,
+                        "size": info.st_size,
+                        "modified": datetime.fromtimestamp(info.st_mtime, UTC).isoformat(),
+                    }
+                )
         return entries
 
     def read_text(self, path: str) -> str:
         """A UTF-8 text file's content."""
-        target = self.resolve(path)
-        if not target.is_file():
-            kind = "a folder" if target.is_dir() else "missing"
-            raise FileAccessError(f"{path!r} is {kind}; list_files shows what exists")
-        size = target.stat().st_size
-        if size > self.max_read_bytes:
-            raise FileTooLarge(
-                f"{path!r} is {size:,} bytes, over the {self.max_read_bytes:,}-byte read limit; "
-                "read part of it with code in the kernel instead"
-            )
-        data = target.read_bytes()
+        parts = self.parts(path)
+        if not parts:
+            raise FileAccessError(f"{path!r} is a folder; list_files shows what exists")
+        with self._folder(path, parts[:-1]) as folder:
+            try:
+                fd = os.open(parts[-1], _READ_FLAGS, dir_fd=folder)
+            except OSError as exc:
+                raise self._refusal(path, exc) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+                raise FileAccessError(f"{path!r} is {kind}; list_files shows what exists")
+            if info.st_size > self.max_read_bytes:
+                raise self._too_large(path, info.st_size)
+            os.set_blocking(fd, True)
+            data = _read_up_to(fd, self.max_read_bytes + 1)
+        finally:
+            os.close(fd)
+        if len(data) > self.max_read_bytes:  # grew after fstat
+            raise self._too_large(path, len(data))
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
             raise FileAccessError(
-                f"{path!r} is binary ({size:,} bytes); open it with code in the kernel"
+                f"{path!r} is binary ({len(data):,} bytes); open it with code in the kernel"
             ) from None
 
     def write_text(self, path: str, content: str) -> int:
@@ -96,11 +117,93 @@ class SessionFiles:
             raise FileTooLarge(
                 f"content is {len(data):,} bytes, over the {self.max_write_bytes:,}-byte limit"
             )
-        target = self.resolve(path)
-        if target == self.root.resolve() or target.is_dir():
+        parts = self.parts(path)
+        if not parts:
             raise FileAccessError(f"{path!r} is a folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        name = parts[-1]
+        with self._folder(path, parts[:-1], create=True) as folder:
+            tmp = f".{name}.tmp-{uuid.uuid4().hex[:12]}"
+            fd = os.open(tmp, _CREATE_FLAGS, 0o644, dir_fd=folder)
+            try:
+                with open(fd, "wb", closefd=True) as out:
+                    out.write(data)
+                # rename() replaces a symlink itself, never what it points to.
+                os.rename(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=folder)
+                if isinstance(exc, IsADirectoryError | NotADirectoryError):
+                    raise FileAccessError(f"{path!r} is a folder") from None
+                raise
         return len(data)
+
+    @contextlib.contextmanager
+    def _folder(self, path: str, parts: tuple[str, ...], *, create: bool = False) -> Iterator[int]:
+        """A descriptor of the folder `parts` below the root, walked without following links."""
+        try:
+            fd = os.open(self.root, _DIR_FLAGS)
+        except OSError as exc:
+            raise FileAccessError(f"the session folder is not available: {exc}") from None
+        try:
+            for part in parts:
+                try:
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise FileAccessError(f"{path!r} does not exist") from None
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    try:
+                        child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    except OSError as exc:
+                        raise self._refusal(path, exc) from None
+                except NotADirectoryError as exc:
+                    # O_DIRECTORY wins over O_NOFOLLOW: a symlink fails as "not a directory".
+                    if _is_symlink(part, fd):
+                        exc.errno = errno.ELOOP
+                    raise self._refusal(path, exc) from None
+                except OSError as exc:
+                    raise self._refusal(path, exc) from None
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _refusal(path: str, exc: OSError) -> FileAccessError:
+        if exc.errno == errno.ELOOP:
+            return FileAccessError(
+                f"{path!r} goes through a symlink; symlinks may leave the session folder "
+                "and are not followed"
+            )
+        if exc.errno == errno.ENOTDIR:
+            return FileAccessError(f"{path!r}: a part of it is a file, not a folder")
+        if exc.errno == errno.ENOENT:
+            return FileAccessError(f"{path!r} does not exist; list_files shows what exists")
+        return FileAccessError(f"{path!r}: {exc.strerror}")
+
+    def _too_large(self, path: str, size: int) -> FileTooLarge:
+        return FileTooLarge(
+            f"{path!r} is {size:,} bytes, over the {self.max_read_bytes:,}-byte read limit; "
+            "read part of it with code in the kernel instead"
+        )
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _read_up_to(fd: int, limit: int) -> bytes:
+    chunks = []
+    remaining = limit
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -26,6 +27,7 @@ import zmq
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
+from . import sandbox
 from .backend import (
     ExecutionListener,
     KernelBackend,
@@ -203,6 +205,7 @@ class LocalKernel(KernelConnection):
         _kill_all(children)
         with contextlib.suppress(OSError):
             os.unlink(self._km.connection_file)
+        _remove_sockets(self._km)
         logger.info("kernel %s shut down", self.kernel_id)
 
     # -- requests -------------------------------------------------------------
@@ -233,7 +236,7 @@ class LocalKernel(KernelConnection):
     def info(self) -> KernelInfo:
         return KernelInfo(
             kernel_id=self.kernel_id,
-            pid=self._pid(),
+            pid=self._kernel_pid(),
             connection_file=self._km.connection_file,
             language_info=self._language_info,
             generation=self.generation,
@@ -247,7 +250,7 @@ class LocalKernel(KernelConnection):
             self._km.connection_file = str(target)
 
     def memory_rss(self) -> int | None:
-        pid = self._pid()
+        pid = self._kernel_pid()
         if pid is None:
             return None
         try:
@@ -310,6 +313,13 @@ class LocalKernel(KernelConnection):
         pid = getattr(self._km.provisioner, "pid", None)
         return int(pid) if pid else None
 
+    def _kernel_pid(self) -> int | None:
+        """The ipykernel process; in a sandbox, a descendant of the bwrap we launched."""
+        pid = self._pid()
+        if pid is not None and self._settings.sandbox == "bwrap":
+            return sandbox.kernel_pid(pid) or pid
+        return pid
+
     def _children(self) -> list[psutil.Process]:
         pid = self._pid()
         if pid is None:
@@ -350,9 +360,17 @@ class LocalKernel(KernelConnection):
         self._dead = True
         process = getattr(self._km.provisioner, "process", None)
         code = process.poll() if process is not None else None
+        if self._settings.sandbox == "bwrap":
+            code = sandbox.exit_code(code)
         self.exit_code = code
         logger.warning("kernel %s died (exit code %s)", self.kernel_id, code)
         self._lose_all(Loss.DIED)
+
+
+def _remove_sockets(km: AsyncKernelManager) -> None:
+    """Remove a kernel's IPC socket folder (see LocalBackend.start_kernel)."""
+    if km.transport == "ipc":
+        shutil.rmtree(Path(km.ip).parent, ignore_errors=True)
 
 
 def _kill_all(processes: list[psutil.Process]) -> None:
@@ -362,35 +380,65 @@ def _kill_all(processes: list[psutil.Process]) -> None:
 
 
 class LocalBackend(KernelBackend):
-    """Starts ipykernels as child processes of this server."""
+    """Starts ipykernels as child processes of this server, each in its own sandbox."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._lock_fd: int | None = None
-        self._spec_manager = _SpecManager()
-        self._spec_manager.spec = KernelSpec(
-            argv=[
-                sys.executable,
-                _LAUNCHER,
-                str(settings.memory_limit_bytes),
-                "-f",
-                "{connection_file}",
-                # Output caching off, so large results are not pinned by Out/_ .
-                "--InteractiveShell.cache_size=0",
-                # No history database: concurrent kernels would contend on its lock.
-                "--HistoryManager.enabled=False",
-            ],
-            display_name="Python 3 (kernel-agent)",
+        self._sandbox: sandbox.BwrapSandbox | None = None
+        self._slots: dict[str, Path] = {}
+        """Pooled kernels' own folders, until a session claims the kernel."""
+        self._kernel_argv = [
+            sys.executable,
+            _LAUNCHER,
+            str(settings.memory_limit_bytes),
+            "-f",
+            "{connection_file}",
+            # Output caching off, so large results are not pinned by Out/_ .
+            "--InteractiveShell.cache_size=0",
+            # No history database: concurrent kernels would contend on its lock.
+            "--HistoryManager.enabled=False",
+        ]
+
+    def kernel_spec(self, sockets: Path | None = None) -> KernelSpec:
+        """The kernel spec of one kernel: the launcher, in a sandbox unless it is off."""
+        if self._sandbox is None:
+            return KernelSpec(
+                argv=list(self._kernel_argv),
+                display_name="Python 3 (kernel-agent)",
+                language="python",
+                interrupt_mode="signal",
+            )
+        assert sockets is not None
+        return KernelSpec(
+            argv=self._sandbox.command(self._kernel_argv, sockets),
+            display_name="Python 3 (kernel-agent, sandboxed)",
             language="python",
-            interrupt_mode="signal",
+            # The kernel runs in a session and PID namespace of its own, where the SIGINT
+            # jupyter_client sends to bwrap's process group does not reach it: interrupt
+            # over the control channel (the kernel manager opens its own control socket).
+            interrupt_mode="message",
         )
 
     async def start(self) -> None:
         runtime = self._settings.runtime_dir
         runtime.mkdir(parents=True, exist_ok=True)
         runtime.chmod(stat.S_IRWXU)
-        for folder in ("ipython", "kernels", "pool"):
+        for folder in ("ipython", "kernels", "pool", "sockets"):
             (runtime / folder).mkdir(exist_ok=True)
+        if self._settings.sandbox == "bwrap":
+            box = sandbox.BwrapSandbox.locate(self._settings)
+            box.prepare()
+            await box.check()
+            self._sandbox = box
+            self._slot_root.mkdir(parents=True, exist_ok=True)
+            logger.info(
+                "kernels run sandboxed (bwrap, uid %d, network %s)",
+                self._settings.sandbox_uid,
+                self._settings.kernel_network,
+            )
+        else:
+            logger.warning("%s", sandbox.UNSANDBOXED_WARNING)
         # Every live server holds a shared lock on the folder; whoever gets it exclusively
         # is alone, so the kernel files there are left over from a crashed run.
         self._lock_fd = os.open(runtime / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
@@ -399,20 +447,37 @@ class LocalBackend(KernelBackend):
         except BlockingIOError:
             logger.info("another server uses %s; stale files are left to it", runtime)
         else:
-            stale = [p for p in runtime.iterdir() if p.name.startswith(("kernel-", "k-"))]
-            for files in (self._settings.connection_dir, self._settings.pool_connection_dir):
-                stale += list(files.iterdir())
-            for path in stale:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            if stale:
-                logger.info("removed %d stale kernel files from %s", len(stale), runtime)
+            self._remove_stale_files()
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
+    def _remove_stale_files(self) -> None:
+        runtime = self._settings.runtime_dir
+        stale = [p for p in runtime.iterdir() if p.name.startswith(("kernel-", "k-"))]
+        for files in (self._settings.connection_dir, self._settings.pool_connection_dir):
+            stale += list(files.iterdir())
+        for path in stale:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        folders = list((runtime / "sockets").iterdir())
+        if self._slot_root.is_dir():
+            folders += list(self._slot_root.iterdir())
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        if stale or folders:
+            logger.info("removed %d stale kernel files and folders", len(stale) + len(folders))
+
     async def close(self) -> None:
+        slots, self._slots = list(self._slots.values()), {}
+        for slot in slots:  # pooled kernels never claimed
+            shutil.rmtree(slot, ignore_errors=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    @property
+    def _slot_root(self) -> Path:
+        # In the workspace, so a slot can become a session folder by an atomic rename.
+        return self._settings.workspace / ".slots"
 
     def kernel_env(self) -> dict[str, str]:
         """The scrubbed environment every kernel starts with."""
@@ -430,30 +495,57 @@ class LocalBackend(KernelBackend):
         env["KERNEL_AGENT_OUTPUT_CAP"] = str(max(self._settings.output_cap_bytes - 4096, 1024))
         env["KERNEL_AGENT_IMAGE_CAP"] = str(self._settings.image_cap_bytes)
         env["KERNEL_AGENT_SPOOL_LIMIT"] = str(self._settings.output_spool_bytes)
+        if self._settings.sandbox == "bwrap":
+            env = sandbox.kernel_env(env)
         return env
+
+    def claim_folder(self, kernel: KernelConnection, folder: Path) -> Path:
+        """Give a pooled kernel its session's folder; returns the path the kernel sees."""
+        slot = self._slots.pop(kernel.kernel_id, None)
+        if self._sandbox is None or slot is None:
+            return folder
+        # The sandbox bound the slot at start; renaming it onto the session folder (with the
+        # folder's files moved in first) makes the kernel see that folder without a restart.
+        sandbox.adopt_folder(slot, folder)
+        return Path(sandbox.SESSION_FOLDER)
 
     async def start_kernel(self, cwd: Path, *, pooled: bool = False) -> LocalKernel:
         kernel_id = str(uuid.uuid4())
         runtime = self._settings.runtime_dir
         folder = self._settings.pool_connection_dir if pooled else self._settings.connection_dir
+        sockets = runtime / "sockets" / kernel_id[:8]
+        specs = _SpecManager()
+        specs.spec = self.kernel_spec(sockets)
         km = AsyncKernelManager(
             kernel_name=_KERNEL_NAME,
-            kernel_spec_manager=self._spec_manager,
+            kernel_spec_manager=specs,
             connection_file=str(folder / f"kernel-{kernel_id}.json"),
         )
-        ipc_prefix = runtime / f"k-{kernel_id[:8]}"
+        ipc_prefix = sockets / "k"
         if self._settings.transport == "ipc" and len(str(ipc_prefix)) < _IPC_PATH_MAX:
             km.transport = "ipc"
             km.ip = str(ipc_prefix)
+        elif self._sandbox is not None and self._settings.kernel_network == "none":
+            raise KernelStartError(
+                f"IPC socket paths under {runtime} would exceed {_IPC_PATH_MAX} characters, and "
+                "a sandboxed kernel without network has no other transport: choose a shorter "
+                "KERNEL_MCP_RUNTIME_DIR"
+            )
         else:
             km.transport = "tcp"
             km.ip = "127.0.0.1"
+        sockets.mkdir(mode=0o700)
+        if pooled and self._sandbox is not None:
+            cwd = self._slot_root / kernel_id
+            cwd.mkdir(mode=0o700)
+            self._slots[kernel_id] = cwd
         try:
             await km.start_kernel(kernel_id=kernel_id, cwd=str(cwd), env=self.kernel_env())
         except BaseException as exc:
             # Cancelled or failed half-way: never leave a process behind.
             with contextlib.suppress(Exception):
                 await asyncio.shield(km.shutdown_kernel(now=True))
+            self._forget(kernel_id, sockets)
             if isinstance(exc, Exception):
                 raise KernelStartError(f"could not start a kernel: {exc}") from exc
             raise
@@ -462,6 +554,13 @@ class LocalBackend(KernelBackend):
             await kernel.open(self._settings.startup_timeout)
         except BaseException:
             await kernel.shutdown()
+            self._forget(kernel_id, sockets)
             raise
         logger.info("kernel %s started (pid %s) in %s", kernel_id, kernel.info().pid, cwd)
         return kernel
+
+    def _forget(self, kernel_id: str, sockets: Path) -> None:
+        shutil.rmtree(sockets, ignore_errors=True)
+        slot = self._slots.pop(kernel_id, None)
+        if slot is not None:
+            shutil.rmtree(slot, ignore_errors=True)

@@ -347,7 +347,8 @@ class SessionManager:
             if connection is not None:
                 kernel = self._supervise(connection, session.folder)
                 try:
-                    await self._move_to(kernel, session.folder)
+                    folder = self._backend.claim_folder(connection, session.folder)
+                    await self._move_to(kernel, folder)
                     connection.assign()
                 except BaseException:
                     await asyncio.shield(self._shut(kernel))  # never leak a claimed kernel

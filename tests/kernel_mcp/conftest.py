@@ -15,6 +15,7 @@ import pytest
 
 from kernel_mcp.config import Settings
 from kernel_mcp.local_kernel import LocalBackend, LocalKernel
+from kernel_mcp.sandbox import SESSION_FOLDER
 from kernel_mcp.sessions import SessionManager
 
 
@@ -131,6 +132,13 @@ class LiveText:
 
     async def wait_for(self, text: str) -> None:
         await wait_until(lambda: text in self.text, f"the cell to print {text!r}")
+
+
+def kernel_cwd(manager: SessionManager, session_id: str) -> str:
+    """The session folder as its kernel sees it: a sandbox mounts it at SESSION_FOLDER."""
+    if manager.settings.sandbox == "bwrap":
+        return SESSION_FOLDER
+    return str(manager.settings.workspace / session_id)
 
 
 def text_of(outputs: list[dict[str, Any]], name: str = "stdout") -> str:

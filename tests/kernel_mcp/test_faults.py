@@ -10,7 +10,7 @@ import pytest
 
 from kernel_mcp.sessions import SessionManager
 
-from .conftest import LiveText, plain_of, text_of, wait_until
+from .conftest import LiveText, kernel_cwd, plain_of, text_of, wait_until
 
 # A cell that says it is running, then runs until stopped.
 RUNNING = "import time\nprint('running', flush=True)\ntime.sleep(3600)"
@@ -119,7 +119,7 @@ async def test_restart_on_request_loses_state(manager: SessionManager) -> None:
     assert after.kernel_id == before.kernel_id, "the connection file stays valid"
     assert after.pid != before.pid
     result = await manager.execute("s1", "import os; print(os.getcwd()); kept")
-    assert text_of(result.outputs).strip() == str(manager.settings.workspace / "s1")
+    assert text_of(result.outputs).strip() == kernel_cwd(manager, "s1")
     assert result.outputs[-1]["ename"] == "NameError"
 
 

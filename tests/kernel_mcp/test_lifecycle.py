@@ -10,7 +10,7 @@ import pytest
 
 from kernel_mcp.sessions import SessionManager
 
-from .conftest import plain_of, text_of, wait_for_exit, wait_until
+from .conftest import kernel_cwd, plain_of, text_of, wait_for_exit, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -23,8 +23,9 @@ async def test_pool_kernels_are_claimed_once_and_refilled(start_manager) -> None
     manager: SessionManager = await start_manager(pool_size=2)
     await _pool_ready(manager, 2)
     pooled = {k.kernel_id for k in manager._pool._ready}
-    first = await manager.execute("a", "import os; print(os.getcwd())")
-    assert text_of(first.outputs).strip() == str(manager.settings.workspace / "a")
+    first = await manager.execute("a", "import os; print(os.getcwd()); open('f', 'w').close()")
+    assert text_of(first.outputs).strip() == kernel_cwd(manager, "a")
+    assert (manager.settings.workspace / "a" / "f").exists()
     # The claim's speed is measured in bench/kernel_layer.py; here: it was a pooled kernel.
     assert (await manager.kernel_info("a")).kernel_id in pooled
     await manager.execute("b", "x = 'b'")
@@ -64,11 +65,15 @@ async def test_busy_kernel_is_not_culled(start_manager) -> None:
 async def test_shutdown_kills_kernels_and_their_children(start_manager) -> None:
     manager: SessionManager = await start_manager()
     result = await manager.execute(
-        "s1", "import subprocess\np = subprocess.Popen(['sleep', '1000'])\nprint(p.pid)"
+        "s1", "import subprocess\np = subprocess.Popen(['sleep', '1000'])"
     )
-    child = int(text_of(result.outputs))
+    assert result.status == "ok"
     kernel_pid = (await manager.kernel_info("s1")).pid
-    assert psutil.pid_exists(child)
+    assert kernel_pid is not None
+    # The pid the kernel sees is of its own PID namespace; find the child from outside.
+    children = psutil.Process(kernel_pid).children()
+    assert [c.name() for c in children] == ["sleep"]
+    child = children[0].pid
     await manager.close()
     for pid in (child, kernel_pid):
         assert pid is not None
