@@ -403,7 +403,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with svc.turns.reserve(session_id):  # no turn may start while the session goes away
             try:
                 async with asyncio.timeout(30):
-                    outcome = await svc.kernels.call(session_id, "shutdown_kernel", {})
+                    outcome = await svc.kernels.call(
+                        session_id, "shutdown_kernel", {"delete_files": True}
+                    )
                 kernel_shut_down = not outcome.is_error
             except (ServiceError, TimeoutError) as exc:
                 logger.warning("session %s: kernel not shut down: %s", session_id, exc)

@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     settings = Settings()
+    if settings.sandbox == "bwrap":
+        from .errors import SandboxUnavailable
+        from .sandbox import find_bwrap
+
+        try:
+            find_bwrap()
+        except SandboxUnavailable as exc:
+            sys.exit(f"kernel_mcp cannot start: {exc}")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_stdio(settings) if args.stdio else serve_http(settings))
 

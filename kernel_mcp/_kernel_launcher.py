@@ -296,7 +296,8 @@ def main() -> None:
         _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        # Hard limit too: user code must not be able to lift it (setrlimit to infinity).
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     # The launcher's own folder must not shadow user modules.
     sys.path[:] = [p for p in sys.path if not p.endswith("kernel_mcp")]
     import zmq

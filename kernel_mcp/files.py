@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 import uuid
 from collections.abc import Iterator
@@ -188,6 +189,25 @@ class SessionFiles:
             f"{path!r} is {size:,} bytes, over the {self.max_read_bytes:,}-byte read limit; "
             "read part of it with code in the kernel instead"
         )
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete `folder` and everything in it, whatever modes the kernel gave its files.
+
+    Never follows symlinks (shutil.rmtree works on directory descriptors here).
+    """
+
+    def unlock(function: Any, path: str, _exc: Any) -> None:
+        # A folder the kernel made unwritable or unreadable (chmod 0): open it up, retry.
+        parent = os.path.dirname(path)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, 0o700)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, 0o700)
+        function(path)
+
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder, onerror=unlock)
 
 
 def _is_symlink(name: str, dir_fd: int) -> bool:

@@ -26,6 +26,7 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from . import sandbox
 from .backend import Message
 from .config import Settings
 from .errors import CapacityError, FileAccessError, InvalidSessionId, KernelError
@@ -272,11 +273,21 @@ def create_server(settings: Settings | None = None) -> FastMCP:
         return "The kernel was restarted; variables defined earlier are gone, files are kept."
 
     @mcp.tool(annotations={"destructiveHint": True})
-    async def shutdown_kernel(ctx: Context) -> str:
+    async def shutdown_kernel(
+        ctx: Context,
+        delete_files: Annotated[
+            bool,
+            Field(description="Also delete the session folder (when the session is deleted)."),
+        ] = False,
+    ) -> str:
         """Shut this session's kernel down to free its memory; files are kept.
 
         The next execute_code starts a fresh kernel (earlier variables are gone).
         """
+        if delete_files:
+            closed = await manager.delete_session(session_key(ctx))
+            done = "The kernel was shut down" if closed else "No kernel was running"
+            return f"{done}; the session folder was deleted."
         closed = await manager.close_session(session_key(ctx))
         return "The kernel was shut down." if closed else "No kernel was running for this session."
 
@@ -360,7 +371,14 @@ def create_server(settings: Settings | None = None) -> FastMCP:
 
     @mcp.custom_route("/health", methods=["GET"])
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "version": __version__, **manager.stats()})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "version": __version__,
+                **manager.stats(),
+                **sandbox.status(settings),  # "sandbox": "none" comes with a warning
+            }
+        )
 
     @mcp.custom_route("/skills", methods=["GET"])
     async def list_skills(request: Request) -> JSONResponse:

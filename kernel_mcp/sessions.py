@@ -32,6 +32,7 @@ from .errors import (
     SessionNotFound,
 )
 from .execution import ExecutionResult, run_code
+from .files import remove_folder
 from .outputs import OutputCollector
 from .pool import KernelPool
 from .supervisor import KernelSupervisor
@@ -209,6 +210,17 @@ class SessionManager:
                 del self._sessions[session_id]
             await self._retire(session, None)
         return True
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Close the session and delete its folder, so a new session of this id starts empty.
+
+        Returns whether the session was open.
+        """
+        validate_session_id(session_id)
+        closed = await self.close_session(session_id)
+        await asyncio.to_thread(remove_folder, self.settings.workspace / session_id)
+        logger.info("session %s: folder deleted", session_id)
+        return closed
 
     @contextlib.asynccontextmanager
     async def _locked(self, session_id: str) -> AsyncIterator[KernelSession]:
