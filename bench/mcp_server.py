@@ -48,12 +48,11 @@ from fastmcp import Client
 from fastmcp.client.transports import StreamableHttpTransport
 
 from kernel_mcp.config import Settings
-from kernel_mcp.local_kernel import LocalBackend
 
 # The kernel floor is kernel_layer.py's; this folder is on sys.path when run as a script,
 # the insert makes the import work however this module is loaded.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_layer import RawKernel, _ms, _p, kernel_spec_of
+from kernel_layer import RawKernel, _ms, _p, floor_env, kernel_spec_of
 
 logger = logging.getLogger("bench.mcp_server")
 
@@ -251,8 +250,8 @@ async def run(root: Path) -> dict[str, Any]:
     settings = Settings(workspace=root / "ws", runtime_dir=root / "rt", pool_size=1)
     (root / "rt-raw").mkdir(mode=0o700)
     (root / "raw-cwd").mkdir()
-    spec = kernel_spec_of(settings)
-    kernel_env = LocalBackend(settings).kernel_env()
+    spec = kernel_spec_of(settings)  # the floor: the kernel command without its sandbox
+    kernel_env = floor_env(settings)
 
     echo_port, mcp_port = free_port(), free_port()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("KERNEL_MCP_")}
