@@ -157,6 +157,13 @@ class Settings(BaseSettings):
         self.runtime_dir = self.runtime_dir.expanduser().resolve()
         self.skills_dir = self.skills_dir.expanduser().resolve()
         self.sandbox_read_only = [p.expanduser().resolve() for p in self.sandbox_read_only]
+        for path in self.sandbox_read_only:
+            for private in (self.workspace, self.runtime_dir):
+                if path == private or path in private.parents or private in path.parents:
+                    raise ValueError(
+                        f"KERNEL_MCP_SANDBOX_READ_ONLY must not give kernels {private} (other "
+                        "sessions' files, connection files): not it, nor a folder in or above it"
+                    )
         if self.execute_timeout > self.max_execute_timeout:
             raise ValueError("execute_timeout must not exceed max_execute_timeout")
         if self.sandbox == "bwrap" and self.kernel_network == "none" and self.transport == "tcp":

@@ -485,3 +485,15 @@ async def test_pooled_kernel_takes_over_a_folder_that_has_files(
     result = await manager.execute("has-files", "print(open('sub/data.csv').read())")
     assert text_of(result.outputs) == "a,b\n1,2\n\n"
     assert sorted(os.listdir(folder)) == ["sub"]
+
+
+def test_settings_refuse_what_would_open_the_sandbox(
+    make_settings: Callable[..., Settings],
+) -> None:
+    workspace = make_settings().workspace
+    for shown in (workspace, workspace / "alice", workspace.parent):
+        with pytest.raises(ValueError, match="SANDBOX_READ_ONLY"):
+            make_settings(sandbox_read_only=[shown])
+    with pytest.raises(ValueError, match="KERNEL_NETWORK=host"):
+        make_settings(sandbox="bwrap", transport="tcp")
+    assert make_settings(sandbox="bwrap", transport="tcp", kernel_network="host")
