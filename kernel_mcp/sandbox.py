@@ -156,7 +156,7 @@ class BwrapSandbox:
         argv += ["--", sys.executable, "-c", "import os; os.listdir('.')"]
         process = await asyncio.create_subprocess_exec(
             *argv,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            env={"PATH": "/usr/bin:/bin"},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
