@@ -31,7 +31,9 @@ def kernel_processes(manager: SessionManager, session_id: str) -> list[psutil.Pr
     connection_file = kernel.connection.info().connection_file
     assert connection_file
     found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
+    for process in psutil.process_iter(["cmdline", "status", "name"]):
+        if process.info["name"] == "bwrap":  # the sandbox around a kernel names its file too
+            continue
         cmdline = process.info["cmdline"] or []
         if process.info["status"] != psutil.STATUS_ZOMBIE and any(
             os.path.basename(connection_file) in arg for arg in cmdline

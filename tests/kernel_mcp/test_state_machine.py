@@ -200,8 +200,9 @@ class KernelSessions(RuleBasedStateMachine):
         assert self.manager.stats()["kernels_running"] == len(live)
         files = {s.id: s.kernel.connection.info().connection_file for s in live if s.kernel}
         counts = dict.fromkeys(files, 0)
-        for process in psutil.process_iter(["cmdline", "status"]):
-            if process.info["status"] == psutil.STATUS_ZOMBIE:
+        for process in psutil.process_iter(["cmdline", "status", "name"]):
+            # bwrap, the sandbox around a kernel, names the connection file too.
+            if process.info["status"] == psutil.STATUS_ZOMBIE or process.info["name"] == "bwrap":
                 continue
             cmdline = " ".join(process.info["cmdline"] or [])
             for session, connection_file in files.items():
