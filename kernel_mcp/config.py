@@ -68,9 +68,10 @@ class Settings(BaseSettings):
     )
     startup_timeout: float = Field(default=60.0, gt=0)
     iopub_quiet: float = Field(
-        default=2.0,
+        default=10.0,
         gt=0,
-        description="After the reply, how long output may pause before the rest is given up.",
+        description="After the reply, how long output may pause before the rest is given up "
+        "(the kernel sends its last output just before idle; this only bounds a lost idle).",
     )
     internal_timeout: float = Field(
         default=30.0, gt=0, description="Deadline of our own requests (list_variables, chdir)."

@@ -162,7 +162,7 @@ async def run_code(
     on_output: Callable[[Message], None] | None = None,
     on_lost: Callable[[str], None] | None = None,
     silent: bool = False,
-    iopub_quiet: float = 2.0,
+    iopub_quiet: float = 10.0,
 ) -> ExecutionResult:
     """Execute `code`, apply the timeout ladder, and return what happened.
 
