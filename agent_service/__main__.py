@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level="warning",
-        timeout_graceful_shutdown=15,
+        # Streams end themselves after AGENT_SHUTDOWN_GRACE; uvicorn cuts what is left later.
+        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
     )
 
 

@@ -3,12 +3,16 @@
 Each model call streams; its text goes to the client at once. Tool calls run on
 the session's kernel through MCP, their activity rendered as content, and their
 results go back to the model. Every step is appended to the transcript as it
-happens, so a failure anywhere leaves a consistent conversation behind.
+happens (a tool's live output too), so a failure anywhere, even a killed process,
+leaves a transcript that says what is known. Each model request is fitted to the
+token budget (`context`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -16,13 +20,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
-from .errors import KernelServiceError, ProviderError, ServiceError
+from .context import (
+    ContextTooSmall,
+    Counter,
+    History,
+    Item,
+    Message,
+    assistant_message,
+    fit,
+    make_item,
+    message_size,
+    read_history,
+    service_note,
+    tool_item,
+)
+from .conversation import extend_digest
+from .errors import ContextTooLarge, KernelServiceError, ProviderError, ServiceError
 from .exporter import NotebookExporter
 from .kernel_client import KernelClient, ToolOutcome
-from .llm import ModelAdapter, ModelReply, TextDelta, ToolCallRequest
+from .llm import ModelAdapter, ModelParams, ModelReply, TextDelta, ToolCallRequest
 from .prompt_cache import PromptCache
 from .render import ContentRenderer, ImageUrl
-from .store import Event, TranscriptStore
+from .store import TranscriptStore
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +49,30 @@ _NO_KERNEL = (
     "The kernel service is unreachable right now, so no code can run this turn. Answer "
     "without computing, and tell the user that computation is unavailable if they need it."
 )
+UNAVAILABLE = (
+    "Computation is unavailable: the kernel service cannot be reached, so no code can run "
+    "in this turn. The answer below comes from the model alone."
+)
+_KERNEL_CHANGED = (
+    "The session's kernel was replaced since the last turn (the kernel service restarted, or "
+    "the kernel was shut down or culled): variables, imports and other state from earlier "
+    "turns are gone; files in the session folder remain."
+)
+_KERNEL_CHANGED_FOR_MODEL = (
+    "The session's kernel was replaced since the previous turn (the kernel service restarted, "
+    "or the kernel was shut down or culled). Every variable, import and function defined "
+    "earlier is gone; files in the session folder remain. Re-create what you need before "
+    "using it."
+)
+_SHUT_DOWN = (
+    "[interrupted: the service shut down while this call was running; the kernel was asked "
+    "to stop it, and may hold part of its effects.{seen}]"
+)
+_BUDGET_MARGIN = 0.02
+"""Share of the input budget kept free: provider tokenizers may count a little more."""
+_COUNT_INLINE_CHARS = 20_000
+"""Messages larger than this are counted in a thread, off the event loop."""
+_LIVE_KEPT_CHARS = 100_000
 
 
 @dataclass
@@ -60,72 +103,51 @@ class TurnSpec:
     user_content: str
     render_mode: str
     image_url: ImageUrl
+    model: str
+    params: ModelParams = field(default_factory=ModelParams)
 
 
-def _assistant_message(text: str, calls: list[dict[str, str]]) -> dict[str, Any]:
-    """An OpenAI assistant message from stored tool calls ({id, name, arguments})."""
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if calls:
-        message["tool_calls"] = [
-            {
-                "id": c["id"],
-                "type": "function",
-                "function": {"name": c["name"], "arguments": c["arguments"]},
-            }
-            for c in calls
-        ]
-    return message
+def kernel_identity(info: dict[str, Any] | None) -> str | None:
+    """Which kernel incarnation a result names: the one place that knows where it comes from.
 
-
-def transcript_messages(events: list[Event]) -> list[dict[str, Any]]:
-    """The conversation as OpenAI chat messages, every tool call answered."""
-    messages: list[dict[str, Any]] = []
-    pending: dict[str, str] = {}  # tool call id -> name, awaiting its result
-
-    def close_pending() -> None:
-        for call_id in list(pending):
-            messages.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": call_id,
-                    "content": "[not executed: the turn was interrupted]",
-                }
-            )
-            del pending[call_id]
-
-    for event in events:
-        data = event.data
-        if event.type == "user":
-            close_pending()
-            messages.append({"role": "user", "content": data["content"]})
-        elif event.type == "assistant":
-            close_pending()
-            calls = data.get("tool_calls") or []
-            pending.update({c["id"]: c["name"] for c in calls})
-            messages.append(_assistant_message(data.get("content") or "", calls))
-        elif event.type == "tool_result" and data.get("direct"):
-            close_pending()
-            messages.append({"role": "user", "content": _direct_note(data)})
-        elif event.type == "tool_result" and data["call_id"] in pending:
-            del pending[data["call_id"]]
-            messages.append(
-                {"role": "tool", "tool_call_id": data["call_id"], "content": data["text"]}
-            )
-    close_pending()
-    return messages
-
-
-def _direct_note(data: dict[str, Any]) -> str:
-    """How the model learns of code the user ran in the kernel themselves."""
-    code = str(data.get("arguments", {}).get("code", ""))
-    return (
-        "[I ran this code in the kernel myself; its state is now part of the session]\n"
-        f"```python\n{code}\n```\nOutput:\n```\n{data.get('text', '')}\n```"
-    )
+    Today it is `kernel_info`'s `kernel_id` and `pid` (a restart keeps the id, not the pid;
+    a new kernel_mcp gives new ids). When execute_code's typed result carries the kernel
+    incarnation (issue 17), read that field here and the per-turn kernel_info call goes.
+    """
+    if not info or not info.get("kernel_id"):
+        return None
+    return f"{info['kernel_id']}:{info.get('pid')}"
 
 
 def _model_text(outcome: ToolOutcome) -> str:
     return outcome.text.replace("image shown below]", "image shown to the user]")
+
+
+def _restarted(name: str, outcome: ToolOutcome) -> bool:
+    """Whether the tool result says the kernel was replaced (kernel_mcp reports it itself)."""
+    structured = outcome.structured or {}
+    return name == "restart_kernel" or bool(
+        structured.get("kernel_restarted") or structured.get("state_lost")
+    )
+
+
+class _Turn:
+    """The state of one running turn."""
+
+    def __init__(self, spec: TurnSpec, turn: int, emit: Emit, counter: Counter) -> None:
+        self.spec = spec
+        self.sid = spec.session_id
+        self.turn = turn
+        self.renderer = ContentRenderer(spec.render_mode, spec.image_url)
+        self.count = counter
+        self.current: list[Item] = []
+        self.sent: list[str] = []
+        self._emit = emit
+
+    def say(self, text: str) -> None:
+        if text:
+            self.sent.append(text)
+            self._emit(Content(text))
 
 
 class Agent:
@@ -147,173 +169,318 @@ class Agent:
         self.model = model
         self.exporter = exporter
 
+    def counter(self, model: str) -> Counter:
+        return functools.partial(self.model.count_tokens, model)
+
+    async def _item(self, message: Message, short: Message | None, count: Counter) -> Item:
+        if message_size(message) > _COUNT_INLINE_CHARS:
+            return await asyncio.to_thread(make_item, message, short, count)
+        return make_item(message, short, count)
+
+    async def _tool_item(self, call_id: str, text: str, count: Counter) -> Item:
+        if len(text) > _COUNT_INLINE_CHARS:
+            return await asyncio.to_thread(tool_item, call_id, text, count)
+        return tool_item(call_id, text, count)
+
+    def _append(self, t: _Turn, type_: str, data: dict[str, Any], item: Item | None) -> int:
+        event_id = self.store.append(
+            t.sid,
+            t.turn,
+            type_,
+            data,
+            tokens=item.tokens if item else None,
+            tokens_short=item.tokens_short if item else None,
+        )
+        if item is not None:
+            item.event_id = event_id
+            t.current.append(item)
+        return event_id
+
     async def run_turn(self, spec: TurnSpec, emit: Emit) -> None:
         """Run one turn to its end, emitting content; never raises for expected faults."""
         sid = spec.session_id
-        turn = self.store.last_turn(sid) + 1
-        self.store.append(sid, turn, "user", {"content": spec.user_content})
-        renderer = ContentRenderer(spec.render_mode, spec.image_url)
+        record = self.store.get_session(sid)
+        t = _Turn(spec, (record.last_turn if record else 0) + 1, emit, self.counter(spec.model))
+        user = {"role": "user", "content": spec.user_content}
+        user_item = await self._item(user, None, t.count)
+        self._append(t, "user", {"content": spec.user_content}, user_item)
         usage: dict[str, int] = {}
         final: TurnEvent | None = None
         try:
-            system = await self.prompts.get()
-            record = self.store.get_session(sid)
-            messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
+            system: list[Message] = [{"role": "system", "content": await self.prompts.get()}]
             if record is not None and record.client_system:
-                messages.append({"role": "system", "content": record.client_system})
-            messages += transcript_messages(self.store.events(sid))
+                system.append({"role": "system", "content": record.client_system})
             async with contextlib.AsyncExitStack() as stack:
                 try:
                     kernel = await stack.enter_async_context(self.kernels.session(sid))
                     tools = await kernel.openai_tools()
                 except KernelServiceError as exc:
-                    # Still answer, without tools: the model can say computing is unavailable.
+                    # Still answer, without tools, and say plainly that nothing can run.
                     logger.warning("session %s: no kernel tools this turn: %s", sid, exc)
                     kernel, tools = None, []
-                    messages.insert(1, {"role": "system", "content": _NO_KERNEL})
+                    system.append({"role": "system", "content": _NO_KERNEL})
+                    note = {"kind": "kernel_unavailable", "text": UNAVAILABLE}
+                    self._append(t, "note", note, None)
+                    t.say(t.renderer.note(UNAVAILABLE))
+                if kernel is not None:
+                    await self._check_kernel(t, kernel)
+                budget = self._budget(spec.model)
+                fixed = await asyncio.to_thread(self.model.tools_tokens, spec.model, system, tools)
+                history = await self._history(t, budget - fixed)
                 for _ in range(self.settings.max_tool_rounds):
-                    reply = await self._model_round(sid, turn, messages, tools, renderer, emit)
+                    messages = self._request(t, system, history, fixed, budget)
+                    reply = await self._model_round(t, messages, tools)
                     for key, value in reply.usage.items():
                         usage[key] = usage.get(key, 0) + value
                     if not reply.tool_calls or kernel is None:
                         final = Finished(reply.finish_reason or "stop", usage)
                         return
                     for call in reply.tool_calls:
-                        await self._run_tool(sid, turn, call, kernel, messages, renderer, emit)
+                        await self._run_tool(t, call, kernel)
             closing = (
                 f"I stopped after {self.settings.max_tool_rounds} rounds of tool calls without "
                 "reaching a final answer. Ask me to continue, or narrow the task."
             )
-            self.store.append(sid, turn, "assistant", {"content": closing, "notice": True})
-            emit(Content(renderer.text(f"\n\n{closing}")))
+            closing_item = await self._item(assistant_message(closing, []), None, t.count)
+            self._append(t, "assistant", {"content": closing, "notice": True}, closing_item)
+            t.say(t.renderer.text(f"\n\n{closing}"))
             final = Finished("stop", usage)
         except ServiceError as exc:
-            self.store.append(sid, turn, "error", {"message": exc.message, "code": exc.code})
+            self.store.append(sid, t.turn, "error", {"message": exc.message, "code": exc.code})
             final = Failed(exc)
+        except asyncio.CancelledError:
+            message = "The service shut down during this turn."
+            self.store.append(sid, t.turn, "error", {"message": message, "code": "shutdown"})
+            raise
         except Exception:
-            logger.exception("session %s: turn %d failed", sid, turn)
+            logger.exception("session %s: turn %d failed", sid, t.turn)
             error = ServiceError("The agent failed unexpectedly; the transcript is kept.")
-            self.store.append(sid, turn, "error", {"message": error.message, "code": None})
+            self.store.append(sid, t.turn, "error", {"message": error.message, "code": None})
             final = Failed(error)
         finally:
+            if isinstance(final, Finished):
+                self._extend_digest(sid, spec.user_content, "".join(t.sent))
             self.exporter.schedule(sid)
             if final is not None:
                 emit(final)
 
-    async def _model_round(
+    def _extend_digest(self, sid: str, user: str, reply: str) -> None:
+        """Let a client that sends the whole history continue this session without an id."""
+        record = self.store.get_session(sid)
+        if record is not None:
+            digest = extend_digest(extend_digest(record.digest, "user", user), "assistant", reply)
+            self.store.update_session(sid, digest=digest)
+
+    def _budget(self, model: str) -> int:
+        limit = self.model.max_input_tokens(model)
+        return limit - max(16, int(limit * _BUDGET_MARGIN))
+
+    async def _history(self, t: _Turn, budget: int) -> History:
+        """Older turns as far as they can fit, read newest first off the event loop."""
+
+        def read() -> History:
+            history = read_history(self.store.newest_events(t.sid, t.turn), t.count, budget)
+            self.store.set_tokens(history.counted)
+            return history
+
+        return await asyncio.to_thread(read)
+
+    def _request(
         self,
-        sid: str,
-        turn: int,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]],
-        renderer: ContentRenderer,
-        emit: Emit,
+        t: _Turn,
+        system: list[Message],
+        history: History,
+        fixed: int,
+        budget: int,
+    ) -> list[Message]:
+        try:
+            window = fit(history, t.current, fixed, budget)
+        except ContextTooSmall as exc:
+            raise ContextTooLarge(
+                f"This turn needs about {exc.needed:,} tokens, more than the model's input "
+                f"budget of {exc.budget:,} (AGENT_MAX_INPUT_TOKENS): send a shorter message."
+            ) from exc
+        note = [{"role": "system", "content": window.note}] if window.note else []
+        return [*system, *note, *window.messages]
+
+    async def _check_kernel(self, t: _Turn, kernel: Any) -> None:
+        """Tell the model and the user when the kernel is not the one of earlier turns."""
+        record = self.store.get_session(t.sid)
+        known = record.kernel_identity if record else None
+        if known is None:
+            return
+        now = await self._identity(kernel)
+        if now is None or now == known:
+            return
+        logger.info("session %s: kernel changed (%s -> %s)", t.sid, known, now)
+        self.store.update_session(t.sid, kernel_identity=now)
+        message = {"role": "user", "content": service_note(_KERNEL_CHANGED_FOR_MODEL)}
+        data = {
+            "kind": "kernel_changed",
+            "text": _KERNEL_CHANGED,
+            "for_model": _KERNEL_CHANGED_FOR_MODEL,
+            "previous": known,
+            "current": now,
+        }
+        self._append(t, "note", data, await self._item(message, None, t.count))
+        t.say(t.renderer.note(_KERNEL_CHANGED))
+
+    async def _identity(self, kernel: Any) -> str | None:
+        info = await kernel.call("kernel_info", {})
+        return None if info.is_error else kernel_identity(info.structured)
+
+    async def _model_round(
+        self, t: _Turn, messages: list[Message], tools: list[dict[str, Any]]
     ) -> ModelReply:
         reply: ModelReply | None = None
         try:
-            async for item in self.model.stream(messages, tools):
+            async for item in self.model.stream(t.spec.model, messages, tools, t.spec.params):
                 if isinstance(item, TextDelta):
-                    emit(Content(renderer.text(item.text)))
+                    t.say(t.renderer.text(item.text))
                 else:
                     reply = item
         except ProviderError as exc:
             partial = getattr(exc, "partial_text", "")
             if partial:
-                self.store.append(sid, turn, "assistant", {"content": partial, "partial": True})
+                self.store.append(t.sid, t.turn, "assistant", {"content": partial, "partial": True})
             raise
         assert reply is not None
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
-        self.store.append(sid, turn, "assistant", {"content": reply.text, "tool_calls": calls})
-        messages.append(_assistant_message(reply.text, calls))
+        said = await self._item(assistant_message(reply.text, calls), None, t.count)
+        self._append(t, "assistant", {"content": reply.text, "tool_calls": calls}, said)
         return reply
 
-    async def _run_tool(
-        self,
-        sid: str,
-        turn: int,
-        call: ToolCallRequest,
-        kernel: Any,
-        messages: list[dict[str, Any]],
-        renderer: ContentRenderer,
-        emit: Emit,
-    ) -> None:
+    async def _run_tool(self, t: _Turn, call: ToolCallRequest, kernel: Any) -> None:
         try:
             arguments = json.loads(call.arguments or "{}")
             if not isinstance(arguments, dict):
                 raise ValueError("arguments must be a JSON object")
         except ValueError as exc:
-            arguments = {}
             outcome = ToolOutcome(
                 text=f"Your arguments for {call.name} were not valid JSON ({exc}); "
                 "call the tool again with a JSON object.",
                 is_error=True,
             )
-        else:
-            emit(Content(renderer.tool_start(call.name, arguments)))
+            event_id = await self._record_tool(t, call, {}, outcome)
+            t.say(t.renderer.tool_end(call.name, {}, outcome, event_id))
+            return
+        started = {"call_id": call.id, "name": call.name, "arguments": arguments}
+        started_id = self.store.append(t.sid, t.turn, "tool_started", started)
+        t.say(t.renderer.tool_start(call.name, arguments))
+        live: list[str] = []
 
-            async def on_output(text: str) -> None:
-                emit(Content(renderer.live(text)))
+        async def on_output(text: str) -> None:
+            self.store.append_output(started_id, text)  # stored before anyone sees it
+            if sum(map(len, live)) < _LIVE_KEPT_CHARS:
+                live.append(text)
+            t.say(t.renderer.live(text))
 
-            try:
-                outcome = await kernel.call(call.name, arguments, on_output)
-            except KernelServiceError as exc:
-                outcome = ToolOutcome(text=exc.message, is_error=True)
-                self._record_tool(sid, turn, call, arguments, outcome)
-                raise
-        event_id = self._record_tool(sid, turn, call, arguments, outcome)
-        emit(Content(renderer.tool_end(call.name, arguments, outcome, event_id)))
-        if call.name == "execute_code" and not outcome.is_error:
-            await self._remember_kernel(sid, kernel)
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": _model_text(outcome)})
+        try:
+            outcome = await kernel.call(call.name, arguments, on_output)
+        except KernelServiceError as exc:
+            await self._record_tool(t, call, arguments, ToolOutcome(exc.message, is_error=True))
+            self.store.drop_output(started_id)
+            raise
+        except asyncio.CancelledError:
+            seen = "".join(live)
+            text = _SHUT_DOWN.format(seen=f" Output until then:\n{seen}" if seen else "")
+            self.store.append(
+                t.sid,
+                t.turn,
+                "tool_result",
+                {
+                    "call_id": call.id,
+                    "name": call.name,
+                    "arguments": arguments,
+                    "text": text,
+                    "is_error": True,
+                    "structured": {"status": "unknown", "message": text},
+                    "live_output": seen,
+                },
+            )
+            self.store.drop_output(started_id)
+            raise
+        event_id = await self._record_tool(t, call, arguments, outcome)
+        self.store.drop_output(started_id)
+        t.say(t.renderer.tool_end(call.name, arguments, outcome, event_id))
+        if (call.name == "execute_code" and not outcome.is_error) or _restarted(call.name, outcome):
+            await self._remember_kernel(t.sid, kernel, refresh=_restarted(call.name, outcome))
 
     async def execute_direct(
         self, sid: str, code: str, timeout: float | None
     ) -> tuple[int, ToolOutcome]:
         """Run code the user typed (no model), recorded like any execution."""
-        turn = self.store.last_turn(sid) + 1
+        record = self.store.get_session(sid)
+        turn = (record.last_turn if record else 0) + 1
         arguments: dict[str, Any] = {"code": code}
         if timeout is not None:
             arguments["timeout"] = timeout
+        call = ToolCallRequest(id=f"direct-{turn}", name="execute_code", arguments="")
+        t = _Turn(
+            TurnSpec(sid, "", "markdown", lambda n: n, self.settings.model or ""),
+            turn,
+            lambda _event: None,
+            self.counter(self.settings.model or ""),
+        )
         try:
             async with self.kernels.session(sid) as kernel:
+                await self._check_kernel(t, kernel)
                 outcome = await kernel.call("execute_code", arguments)
-                if not outcome.is_error:
-                    await self._remember_kernel(sid, kernel)
+                if not outcome.is_error or _restarted("execute_code", outcome):
+                    await self._remember_kernel(
+                        sid, kernel, refresh=_restarted("execute_code", outcome)
+                    )
         except KernelServiceError as exc:
             self.store.append(sid, turn, "error", {"message": exc.message, "code": exc.code})
             raise
-        call = ToolCallRequest(id=f"direct-{turn}", name="execute_code", arguments="")
-        event_id = self._record_tool(sid, turn, call, arguments, outcome, direct=True)
+        event_id = await self._record_tool(t, call, arguments, outcome, direct=True)
         self.exporter.schedule(sid)
         return event_id, outcome
 
-    async def _remember_kernel(self, sid: str, kernel: Any) -> None:
-        """Keep the kernel's language info once, for the notebook's metadata."""
+    async def _remember_kernel(self, sid: str, kernel: Any, *, refresh: bool = False) -> None:
+        """Keep the kernel's language info and identity (refreshed after a restart)."""
         record = self.store.get_session(sid)
-        if record is None or record.kernel_json:
+        if record is None or (record.kernel_json and record.kernel_identity and not refresh):
             return
         info = await kernel.call("kernel_info", {})
         if not info.is_error and info.structured:
-            self.store.update_session(sid, kernel_json=json.dumps(info.structured))
+            self.store.update_session(
+                sid,
+                kernel_json=json.dumps(info.structured),
+                kernel_identity=kernel_identity(info.structured),
+            )
 
-    def _record_tool(
+    async def _record_tool(
         self,
-        sid: str,
-        turn: int,
+        t: _Turn,
         call: ToolCallRequest,
         arguments: dict[str, Any],
         outcome: ToolOutcome,
         *,
         direct: bool = False,
     ) -> int:
+        text = _model_text(outcome)
         data = {
             "call_id": call.id,
             "name": call.name,
             "arguments": arguments,
-            "text": _model_text(outcome),
+            "text": text,
             "is_error": outcome.is_error,
             "structured": outcome.structured,
         }
         if direct:
             data["direct"] = True  # typed by the user, not called by the model
-        return self.store.append(sid, turn, "tool_result", data)
+            return self.store.append(t.sid, t.turn, "tool_result", data)
+        return self._append(t, "tool_result", data, await self._tool_item(call.id, text, t.count))
+
+
+__all__ = [
+    "Agent",
+    "Content",
+    "Emit",
+    "Failed",
+    "Finished",
+    "TurnEvent",
+    "TurnSpec",
+    "kernel_identity",
+]

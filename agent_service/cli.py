@@ -21,6 +21,9 @@ def _replay(args: argparse.Namespace) -> int:
         print(json.dumps([r.__dict__ for r in reports], indent=2))  # noqa: T201
     else:
         for report in reports:
+            if report.status == "restarted":
+                print(f"kernel restarted before cell {report.index + 1}: {report.detail}")  # noqa: T201
+                continue
             line = f"cell {report.index + 1}: {report.status}"
             print(f"{line} ({report.detail})" if report.detail else line)  # noqa: T201
         matched = sum(r.status == "match" for r in reports)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,25 +30,51 @@ class Settings(BaseSettings):
     mcp_timeout: float = Field(default=3700.0, gt=0, description="Deadline of one tool call.")
 
     model: str | None = Field(
-        default=None, description="Any litellm model string, e.g. openai/gpt-4o."
+        default=None, description="Any litellm model string, e.g. openai/gpt-4o (the default)."
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="More litellm model strings clients may pick by name (`model` stays default).",
     )
     model_alias: str = Field(
-        default="kernel-agent", description="Model id clients may use besides `model`."
+        default="kernel-agent", description="Model id clients may use for the default model."
     )
     api_base: str | None = None
     api_key: SecretStr | None = None
     llm_timeout: float = Field(default=120.0, gt=0, description="Per read from the provider.")
     llm_retries: int = Field(default=2, ge=0, le=10)
-    temperature: float | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cap on output tokens per model call (requests may ask for less).",
+    )
+    max_input_tokens: int | None = Field(
+        default=None,
+        ge=256,
+        description="Token budget of one model request; default: litellm's max_input_tokens "
+        "for the model, else 128,000.",
+    )
 
     api_keys: list[SecretStr] = Field(
-        default_factory=list, description="Client API keys; empty means no auth."
+        default_factory=list, description="Client API keys; empty (with no admin keys): no auth."
+    )
+    admin_keys: list[SecretStr] = Field(
+        default_factory=list, description="Keys that see and manage every session."
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Signs image links; default: a random key kept in <data_dir>/secret.key.",
+    )
+    image_link_ttl: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="Seconds a signed image link stays valid."
     )
     data_dir: Path = _REPO_ROOT / "data"
     notebooks_dir: Path = _REPO_ROOT / "notebooks"
 
     max_tool_rounds: int = Field(default=10, ge=1, le=100)
     max_request_bytes: int = Field(default=2_000_000, ge=1024)
+    max_request_messages: int = Field(default=10_000, ge=1)
     max_message_chars: int = Field(default=200_000, ge=1)
     prompt_ttl: float = Field(default=3600.0, gt=0)
     fallback_prompt: str = FALLBACK_PROMPT
@@ -58,6 +84,11 @@ class Settings(BaseSettings):
         description="kernel_mcp tools not offered to the model.",
     )
     sse_ping: float = Field(default=15.0, gt=0)
+    shutdown_grace: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds running turns may go on after SIGTERM before streams are ended.",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Host headers accepted besides loopback and AGENT_HOST ('*': any).",
@@ -74,7 +105,34 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    @model_validator(mode="after")
+    def _secret_is_not_a_client_key(self) -> Settings:
+        if self.secret_key is not None:
+            secret = self.secret_key.get_secret_value()
+            keys = [k.get_secret_value() for k in (*self.api_keys, *self.admin_keys)]
+            if secret in keys:
+                raise ValueError("AGENT_SECRET_KEY must not be one of the client API keys")
+            if len(secret) < 16:
+                raise ValueError("AGENT_SECRET_KEY must have at least 16 characters")
+        return self
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
+
     @property
     def model_ids(self) -> list[str]:
-        """Model ids clients may name in requests."""
-        return [m for m in (self.model_alias, self.model) if m]
+        """Model ids clients may name in requests: the alias first, then the models."""
+        ids = [self.model_alias] if self.model else []
+        for model in (self.model, *self.models):
+            if model and model not in ids:
+                ids.append(model)
+        return ids or [self.model_alias]
+
+    def resolve_model(self, requested: str) -> str | None:
+        """The litellm model string for a requested id, or None if it is not served."""
+        if requested == self.model_alias:
+            return self.model
+        if requested == self.model or requested in self.models:
+            return requested
+        return None

@@ -2,11 +2,14 @@
 
 ServiceError                 (status, type, code) -> {"error": {...}}
 ├── InvalidRequest           400 invalid_request_error
-│   └── RequestTooLarge      413
+│   ├── RequestTooLarge      413
+│   └── ContextTooLarge      400 context_length_exceeded (the turn exceeds the token budget)
 ├── Unauthorized             401 authentication_error
+├── Forbidden                403 permission_error (admin routes without an admin key)
 ├── NotFound                 404 not_found_error (unknown session, model, output)
 ├── SessionBusy              409 session_busy
 ├── ModelNotConfigured       503 model_not_configured
+├── ShuttingDown             503 service_shutting_down (mid-stream, after SIGTERM's grace)
 ├── ProviderError            the LLM provider failed (429 passed through, else 502/504)
 └── KernelServiceError       502 kernel_mcp unreachable or failing
 """
@@ -51,10 +54,20 @@ class RequestTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class ContextTooLarge(InvalidRequest):
+    code = "context_length_exceeded"
+
+
 class Unauthorized(ServiceError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(ServiceError):
+    status = 403
+    type = "permission_error"
+    code = "admin_key_required"
 
 
 class NotFound(ServiceError):
@@ -72,6 +85,11 @@ class ModelNotConfigured(ServiceError):
     status = 503
     type = "server_error"
     code = "model_not_configured"
+
+
+class ShuttingDown(ServiceError):
+    status = 503
+    code = "service_shutting_down"
 
 
 class ProviderError(ServiceError):

@@ -1,12 +1,16 @@
 """The model adapter: the only module that imports litellm.
 
-litellm is imported lazily (it takes seconds) with its network look-ups off, so
-start-up never waits on the network. Provider failures become `ProviderError`.
+litellm is imported in the background at start-up (it takes seconds) with its
+network look-ups off, so start-up never waits on the network and the first user
+does not wait for the import. Token counts come from litellm's offline counter.
+Provider failures become `ProviderError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import os
 import threading
@@ -22,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 _import_lock = threading.Lock()
 _module: ModuleType | None = None
+DEFAULT_MAX_INPUT_TOKENS = 128_000
 
 
 def load_litellm() -> ModuleType:
@@ -63,6 +68,32 @@ class ModelReply:
     usage: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ModelParams:
+    """Sampling parameters a request may set, passed to the provider when set."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    def kwargs(self, settings: Settings) -> dict[str, Any]:
+        """litellm keyword arguments; AGENT_MAX_TOKENS caps what the request asks."""
+        values: dict[str, Any] = {}
+        caps = [t for t in (self.max_tokens, settings.max_tokens) if t is not None]
+        if caps:
+            values["max_tokens"] = min(caps)
+        temperature = self.temperature if self.temperature is not None else settings.temperature
+        if temperature is not None:
+            values["temperature"] = temperature
+        for name in ("top_p", "stop", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = value
+        return values
+
+
 def _usage(raw: Any) -> dict[str, int]:
     if raw is None:
         return {}
@@ -93,41 +124,65 @@ def _provider_error(exc: Exception) -> ProviderError:
             f"The model provider rejected the credentials (set AGENT_API_KEY): {message}",
             code="provider_auth_failed",
         )
+    if isinstance(exc, litellm.ContextWindowExceededError):
+        return ProviderError(
+            f"The request exceeds the model's context window (lower AGENT_MAX_INPUT_TOKENS): "
+            f"{message}",
+            code="context_length_exceeded",
+        )
     return ProviderError(f"The model provider failed: {message}")
 
 
 class ModelAdapter:
-    """Streams chat completions with tools from any litellm model."""
+    """Streams chat completions with tools from any litellm model; counts tokens."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self.warm = False
 
     async def warm_up(self) -> None:
-        """Import litellm in a thread, so the first request does not pay for it."""
-        await asyncio.to_thread(load_litellm)
+        """Import litellm and load the default model's tokenizer, in a thread."""
+        try:
+            await asyncio.to_thread(self._warm)
+        except Exception:
+            logger.exception("warming up the model adapter failed; the first turn will retry")
+            return
+        self.warm = True
+        logger.info("litellm loaded: the service is warm")
 
-    async def stream(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
-    ) -> AsyncIterator[TextDelta | ModelReply]:
-        """Yield text deltas as they arrive, then one ModelReply."""
+    def _warm(self) -> None:
+        load_litellm()
+        if self._settings.model:
+            self.count_tokens(self._settings.model, [{"role": "user", "content": "warm"}])
+            self.max_input_tokens(self._settings.model)
+
+    def _base_kwargs(self, model: str) -> dict[str, Any]:
         settings = self._settings
-        litellm = await asyncio.to_thread(load_litellm) if _module is None else _module
         kwargs: dict[str, Any] = {
-            "model": settings.model,
-            "messages": messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "model": model,
             "timeout": settings.llm_timeout,
             "num_retries": settings.llm_retries,
         }
-        if tools:
-            kwargs["tools"] = tools
         if settings.api_base:
             kwargs["api_base"] = settings.api_base
         if settings.api_key is not None:
             kwargs["api_key"] = settings.api_key.get_secret_value()
-        if settings.temperature is not None:
-            kwargs["temperature"] = settings.temperature
+        return kwargs
+
+    async def stream(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        params: ModelParams | None = None,
+    ) -> AsyncIterator[TextDelta | ModelReply]:
+        """Yield text deltas as they arrive, then one ModelReply."""
+        litellm = await asyncio.to_thread(load_litellm) if _module is None else _module
+        kwargs = self._base_kwargs(model)
+        kwargs.update(messages=messages, stream=True, stream_options={"include_usage": True})
+        kwargs.update((params or ModelParams()).kwargs(self._settings))
+        if tools:
+            kwargs["tools"] = tools
         text: list[str] = []
         calls: dict[int, dict[str, str]] = {}
         finish: str | None = None
@@ -167,3 +222,59 @@ class ModelAdapter:
             for i, c in sorted(calls.items())
         ]
         yield ModelReply("".join(text), tool_calls, finish, usage)
+
+    async def complete(
+        self, model: str, messages: list[dict[str, Any]], params: ModelParams | None = None
+    ) -> ModelReply:
+        """One plain completion, no tools (requests that are not turns of a conversation)."""
+        reply: ModelReply | None = None
+        async for item in self.stream(model, messages, [], params):
+            if isinstance(item, ModelReply):
+                reply = item
+        assert reply is not None
+        return reply
+
+    # -- tokens -----------------------------------------------------------------------
+
+    def count_tokens(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+    ) -> int:
+        """litellm's offline count for a request (CPU-bound: call from a thread when large).
+
+        A model whose tokenizer cannot load offline is counted with litellm's default one.
+        """
+        litellm = load_litellm()
+        try:
+            return int(litellm.token_counter(model=model, messages=messages, tools=tools))
+        except Exception as exc:  # a tokenizer litellm would have to download
+            logger.debug("no offline tokenizer for %s (%s); using the default", model, exc)
+            return int(litellm.token_counter(model="", messages=messages, tools=tools))
+
+    def max_input_tokens(self, model: str) -> int:
+        """The token budget of one request to `model`."""
+        if self._settings.max_input_tokens is not None:
+            return self._settings.max_input_tokens
+        return _known_max_input_tokens(model)
+
+    def tools_tokens(self, model: str, system: list[dict[str, Any]], tools: list[Any]) -> int:
+        """What the fixed part of a request costs (system messages and tool definitions)."""
+        return _fixed_cost(self, model, json.dumps(system), json.dumps(tools))
+
+
+@functools.lru_cache(maxsize=64)
+def _known_max_input_tokens(model: str) -> int:
+    litellm = load_litellm()
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:
+        return DEFAULT_MAX_INPUT_TOKENS
+    value = info.get("max_input_tokens") or info.get("max_tokens")
+    return int(value) if value else DEFAULT_MAX_INPUT_TOKENS
+
+
+@functools.lru_cache(maxsize=32)
+def _fixed_cost(adapter: ModelAdapter, model: str, system: str, tools: str) -> int:
+    return adapter.count_tokens(model, json.loads(system), json.loads(tools) or None)

@@ -26,7 +26,12 @@ _NOTE_STATUSES = {
     "timeout_interrupted": "Timeout: the code was interrupted",
     "restarted_state_lost": "Kernel restarted: earlier variables were lost",
     "kernel_died": "Kernel died and was restarted: earlier variables were lost",
+    "unknown": "Result unknown: the service stopped while this code was running",
 }
+_UNKNOWN = (
+    "The output above is what arrived before that; the code may have run further, so the "
+    "kernel may hold more of its effects."
+)
 _OTHER_TOOL_TEXT = 3000
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 
@@ -83,6 +88,14 @@ def _output(raw: dict[str, Any]) -> dict[str, Any]:
 def _code_cells(event: Event) -> list[Cell]:
     data = event.data
     result: dict[str, Any] = data.get("structured") or {}
+    if result.get("status") == "unknown" or event.type == "tool_started":
+        # Cut short by a shutdown or a killed service: the live output is what is known.
+        live = str(data.get("live_output") or "")
+        result = {
+            "status": "unknown",
+            "outputs": [{"output_type": "stream", "name": "stdout", "text": live}] if live else [],
+            "message": _UNKNOWN,
+        }
     cells: list[Cell] = []
     background = result.get("background_outputs") or []
     if background:
@@ -117,6 +130,14 @@ def _code_cells(event: Event) -> list[Cell]:
     return cells
 
 
+def _note_cell(event: Event) -> Cell:
+    data = event.data
+    cell = new_markdown_cell(f"> **Note:** {data.get('text', '')}")
+    if data.get("kind") == "kernel_changed":
+        cell["metadata"]["kernel_agent"] = {"kernel_changed": True}  # replay restarts here
+    return cell
+
+
 def _tool_cell(event: Event) -> Cell:
     data = event.data
     args = json.dumps(data.get("arguments", {}), ensure_ascii=False)
@@ -124,15 +145,26 @@ def _tool_cell(event: Event) -> Cell:
     if len(text) > _OTHER_TOOL_TEXT:
         text = text[:_OTHER_TOOL_TEXT] + f"\n[... {len(text) - _OTHER_TOOL_TEXT:,} characters]"
     label = "failed" if data.get("is_error") else "returned"
-    return new_markdown_cell(f"**Tool** `{data.get('name')}` `{args}` {label}:\n\n{_fenced(text)}")
+    cell = new_markdown_cell(f"**Tool** `{data.get('name')}` `{args}` {label}:\n\n{_fenced(text)}")
+    if data.get("name") == "restart_kernel" and not data.get("is_error"):
+        cell["metadata"]["kernel_agent"] = {"kernel_changed": True}
+    return cell
 
 
 def build_notebook(record: SessionRecord, events: list[Event]) -> NotebookNode:
     """The session's notebook (nbformat v4)."""
     cells: list[Cell] = []
+    answered = {(e.turn, e.data.get("call_id")) for e in events if e.type == "tool_result"}
     for event in events:
         data = event.data
-        if event.type == "user":
+        if event.type == "tool_started":
+            if (event.turn, data.get("call_id")) not in answered and data.get("name") == (
+                "execute_code"
+            ):
+                cells += _code_cells(event)  # the service stopped before the result
+        elif event.type == "note":
+            cells.append(_note_cell(event))
+        elif event.type == "user":
             cells.append(new_markdown_cell(f"**User:**\n\n{data['content']}"))
         elif event.type == "assistant" and data.get("content"):
             note = "\n\n_(the answer was cut off by an error)_" if data.get("partial") else ""

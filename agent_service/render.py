@@ -87,6 +87,10 @@ class ContentRenderer:
     def text(self, text: str) -> str:
         return self._out(text)
 
+    def note(self, text: str) -> str:
+        """A notice from the service (not the model), as a quote."""
+        return self._out(f"{self._gap()}> **Note:** {text}\n\n")
+
     def tool_start(self, name: str, arguments: dict[str, Any]) -> str:
         self._fence_open = False
         self._live_sent = False

@@ -24,13 +24,13 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 _TIMING = re.compile(r"\b\d+(\.\d+)?\s?(ns|µs|us|ms|s)\b")
-_SKIPPED_STATUSES = {"timeout_interrupted", "restarted_state_lost", "kernel_died"}
+_SKIPPED_STATUSES = {"timeout_interrupted", "restarted_state_lost", "kernel_died", "unknown"}
 
 
 @dataclass
 class CellReport:
     index: int
-    status: str  # "match", "differs", "skipped"
+    status: str  # "match", "differs", "skipped", "restarted"
     detail: str = ""
 
 
@@ -80,6 +80,14 @@ async def replay(
     """Execute every code cell of the notebook at `path` and report how each compares."""
     notebook = nbformat.read(path, as_version=4)
     recorded = [c for c in notebook.cells if c.cell_type == "code"]
+    # Where the transcript notes a new kernel, the replay kernel is restarted before this cell.
+    restart_before: set[int] = set()
+    code_seen = 0
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            code_seen += 1
+        elif cell.metadata.get("kernel_agent", {}).get("kernel_changed"):
+            restart_before.add(code_seen)
     expected = [_signature(c.outputs) for c in recorded]
     fresh = nbformat.v4.new_notebook(
         cells=[nbformat.v4.new_code_cell(c.source) for c in recorded],
@@ -97,6 +105,9 @@ async def replay(
     reports: list[CellReport] = []
     async with client.async_setup_kernel(env=kernel_env):
         for index, (cell, original) in enumerate(zip(fresh.cells, recorded, strict=True)):
+            if index in restart_before and index > 0:
+                await _restart(client, timeout)
+                reports.append(CellReport(index, "restarted", "the transcript notes a new kernel"))
             meta = original.metadata.get("kernel_agent", {})
             if meta.get("status") in _SKIPPED_STATUSES:
                 reports.append(CellReport(index, "skipped", f"recorded {meta['status']}"))

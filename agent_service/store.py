@@ -1,40 +1,23 @@
-"""Transcripts in SQLite (WAL): the only module that imports sqlite3.
+"""Transcripts: the records and the small interface every store implements.
 
-Every event of a conversation is appended as it happens, so a crash, a dropped
-client or a restart never loses what was said or computed. Calls are short local
-writes; they run on the event loop on purpose (a thread hop costs more).
+A transcript is a sequence of events per session (user message, model reply, tool
+start, live output, tool result, note, error), appended as each happens. Heavy tool
+outputs (nbformat outputs with their images) are kept apart from the event text, so
+building the next model request reads only small rows, and only the newest ones.
+
+`SqliteStore` (the only module that imports sqlite3) is the implementation today; a
+PostgreSQL store implements the same `TranscriptStore` protocol.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    model TEXT,
-    title TEXT,
-    client_system TEXT,
-    kernel_json TEXT
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-    turn INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    data TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_session ON events(session_id, id);
-"""
+HEAVY_KEYS = ("outputs", "background_outputs")
+"""Keys of a tool result's structured content stored apart from the event."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +28,10 @@ class Event:
     type: str
     data: dict[str, Any]
     created: float
+    tokens: int | None = None
+    """What the event's model message costs, counted once (None: not counted yet)."""
+    tokens_short: int | None = None
+    """The same with its tool output elided (equal to `tokens` when nothing can be elided)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +44,10 @@ class SessionRecord:
     client_system: str | None
     kernel_json: str | None = None
     turns: int = 0
+    last_turn: int = 0
+    owner: str | None = None
+    kernel_identity: str | None = None
+    digest: str | None = None
 
     @property
     def kernel(self) -> dict[str, Any]:
@@ -75,116 +66,89 @@ class SessionRecord:
         }
 
 
-class TranscriptStore:
-    """Sessions and their events in one SQLite file."""
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append (see `TranscriptStore.append_many`)."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    # -- sessions -------------------------------------------------------------
-
-    def create_session(self, session_id: str, model: str | None) -> SessionRecord:
-        now = time.time()
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO sessions (id, created, updated, model) VALUES (?, ?, ?, ?)",
-                (session_id, now, now, model),
-            )
-        record = self.get_session(session_id)
-        assert record is not None
-        return record
-
-    def get_session(self, session_id: str) -> SessionRecord | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT s.*, (SELECT COUNT(*) FROM events e WHERE e.session_id = s.id "
-                "AND e.type = 'user') AS turns FROM sessions s WHERE s.id = ?",
-                (session_id,),
-            ).fetchone()
-        return SessionRecord(**dict(row)) if row else None
-
-    def list_sessions(self, limit: int = 100) -> list[SessionRecord]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT s.*, (SELECT COUNT(*) FROM events e WHERE e.session_id = s.id "
-                "AND e.type = 'user') AS turns FROM sessions s ORDER BY updated DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        return [SessionRecord(**dict(r)) for r in rows]
-
-    def update_session(self, session_id: str, **fields: Any) -> None:
-        allowed = {"model", "title", "client_system", "kernel_json"}
-        if not fields or not set(fields) <= allowed:
-            raise ValueError(f"unknown session fields: {set(fields) - allowed}")
-        columns = ", ".join(f"{k} = ?" for k in fields)
-        with self._lock:
-            self._db.execute(
-                f"UPDATE sessions SET {columns}, updated = ? WHERE id = ?",
-                (*fields.values(), time.time(), session_id),
-            )
-
-    def delete_session(self, session_id: str) -> bool:
-        with self._lock:
-            cursor = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-        return cursor.rowcount > 0
-
-    # -- events ---------------------------------------------------------------
-
-    def append(self, session_id: str, turn: int, type_: str, data: dict[str, Any]) -> int:
-        """Append one event durably; returns its id."""
-        now = time.time()
-        payload = json.dumps(data, ensure_ascii=False)
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT INTO events (session_id, turn, type, data, created) VALUES (?, ?, ?, ?, ?)",
-                (session_id, turn, type_, payload, now),
-            )
-            self._db.execute("UPDATE sessions SET updated = ? WHERE id = ?", (now, session_id))
-        event_id = cursor.lastrowid
-        assert event_id is not None
-        return event_id
-
-    def events(self, session_id: str) -> list[Event]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM events WHERE session_id = ? ORDER BY id", (session_id,)
-            ).fetchall()
-        return [_event(r) for r in rows]
-
-    def event(self, session_id: str, event_id: int) -> Event | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM events WHERE session_id = ? AND id = ?", (session_id, event_id)
-            ).fetchone()
-        return _event(row) if row else None
-
-    def last_turn(self, session_id: str) -> int:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT MAX(turn) FROM events WHERE session_id = ?", (session_id,)
-            ).fetchone()
-        return int(row[0] or 0)
+    turn: int
+    type: str
+    data: dict[str, Any]
 
 
-def _event(row: sqlite3.Row) -> Event:
-    return Event(
-        id=row["id"],
-        session_id=row["session_id"],
-        turn=row["turn"],
-        type=row["type"],
-        data=json.loads(row["data"]),
-        created=row["created"],
-    )
+class TranscriptStore(Protocol):
+    """What the service needs of a transcript store. Calls are short and thread-safe."""
+
+    def close(self) -> None: ...
+
+    # sessions
+    def create_session(
+        self, session_id: str, model: str | None, owner: str | None = None
+    ) -> SessionRecord: ...
+    def get_session(self, session_id: str) -> SessionRecord | None: ...
+    def list_sessions(
+        self, limit: int = 100, owner: str | None = None, everyone: bool = True
+    ) -> list[SessionRecord]: ...
+    def update_session(self, session_id: str, **fields: Any) -> None: ...
+    def delete_session(self, session_id: str) -> bool: ...
+    def find_continued(self, owner: str | None, digest: str) -> str | None:
+        """The session of `owner` whose conversation so far has this digest."""
+        ...
+
+    # events
+    def append(
+        self,
+        session_id: str,
+        turn: int,
+        type_: str,
+        data: dict[str, Any],
+        *,
+        tokens: int | None = None,
+        tokens_short: int | None = None,
+    ) -> int:
+        """Append one event durably (a tool result's heavy outputs apart); returns its id."""
+        ...
+
+    def append_many(self, session_id: str, events: list[NewEvent]) -> None:
+        """Append several events in one transaction (history imports)."""
+        ...
+
+    def append_output(self, event_id: int, text: str) -> None:
+        """Keep a piece of live output of the tool call that event `event_id` started."""
+        ...
+
+    def drop_output(self, event_id: int) -> None:
+        """Forget the live output of a call once its whole result is stored."""
+        ...
+
+    def set_tokens(self, costs: list[tuple[int, int, int]]) -> None:
+        """Record (event id, tokens, tokens_short) counted after the fact."""
+        ...
+
+    def events(self, session_id: str, *, heavy: bool = True) -> list[Event]:
+        """The whole transcript; `heavy` merges outputs and live output back in."""
+        ...
+
+    def event(self, session_id: str, event_id: int, *, heavy: bool = True) -> Event | None: ...
+    def newest_events(self, session_id: str, before_turn: int) -> Iterator[Event]:
+        """Events of turns before `before_turn`, newest first, without heavy outputs.
+
+        Lazy: a caller that stops early reads only what it consumed (plus one page).
+        """
+        ...
+
+
+def split_heavy(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """An event's data without the heavy outputs of its structured result, and those outputs."""
+    structured = data.get("structured")
+    if not isinstance(structured, dict) or not any(k in structured for k in HEAVY_KEYS):
+        return data, None
+    light = {k: v for k, v in structured.items() if k not in HEAVY_KEYS}
+    heavy = {k: structured[k] for k in HEAVY_KEYS if k in structured}
+    return {**data, "structured": light}, heavy
+
+
+def merge_heavy(data: dict[str, Any], heavy: dict[str, Any] | None) -> dict[str, Any]:
+    """The inverse of `split_heavy`."""
+    if not heavy:
+        return data
+    return {**data, "structured": {**(data.get("structured") or {}), **heavy}}

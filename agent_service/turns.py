@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 
 from .agent import Failed, Finished, TurnEvent
-from .errors import ServiceError, SessionBusy
+from .errors import ServiceError, SessionBusy, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class TurnRegistry:
             try:
                 await run(emit)
             except asyncio.CancelledError:
-                emit(Failed(ServiceError("the turn was cancelled: the service is shutting down")))
+                emit(Failed(ShuttingDown("the turn was stopped: the service is shutting down")))
                 raise
             except Exception:
                 logger.exception("session %s: the turn crashed", session_id)
@@ -73,6 +73,10 @@ class TurnRegistry:
 
         self._running[session_id] = asyncio.create_task(main(), name=f"turn-{session_id}")
         return queue
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     async def close(self, grace: float = 10.0) -> None:
         """Let running turns finish for `grace` seconds, then cancel them."""

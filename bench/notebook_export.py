@@ -19,7 +19,7 @@ from pathlib import Path
 
 from agent_service.exporter import NotebookExporter
 from agent_service.notebook import build_notebook, dumps, validate
-from agent_service.store import TranscriptStore
+from agent_service.sqlite_store import SqliteStore
 
 TURNS = 350
 RUNS = 10
@@ -52,7 +52,7 @@ def _result(i: int, png: str) -> dict[str, object]:
 def main() -> None:
     png = _png()
     with tempfile.TemporaryDirectory(prefix="ka-bench-") as tmp:
-        store = TranscriptStore(Path(tmp) / "t.sqlite3")
+        store = SqliteStore(Path(tmp) / "t.sqlite3")
         store.create_session("bench", "kernel-agent")
         for i in range(1, TURNS + 1):
             store.append("bench", i, "user", {"content": f"Question {i}?"})

@@ -188,8 +188,8 @@ async def test_provider_500_mid_stream_ends_cleanly_and_keeps_transcript(stack: 
     async with httpx.AsyncClient(base_url=stack.agent.url) as http:
         session = (await http.get("/v1/sessions/mid-1")).json()
     types = [e["type"] for e in session["events"]]
-    assert types == ["user", "assistant", "tool_result", "assistant", "error"]
-    assert session["events"][3]["partial"] is True
+    assert types == ["user", "assistant", "tool_started", "tool_result", "assistant", "error"]
+    assert session["events"][4]["partial"] is True
     # the conversation continues, with the kernel state intact
     stack.llm.script(ToolCall("execute_code", {"code": "kept"}), Text("still 5"))
     content, _ = await stream_turn(stack, "mid-1", "again")
@@ -217,9 +217,9 @@ async def test_disconnect_mid_execution_still_saves_the_turn(stack: Stack) -> No
                 break
             await asyncio.sleep(0.1)
     types = [e["type"] for e in session["events"]]
-    assert types == ["user", "assistant", "tool_result", "assistant"]
+    assert types == ["user", "assistant", "tool_started", "tool_result", "assistant"]
     assert session["events"][-1]["content"] == "Finished."
-    assert session["events"][2]["structured"]["status"] == "ok"
+    assert session["events"][3]["structured"]["status"] == "ok"
 
 
 async def test_restarted_service_lists_old_transcripts(stack: Stack) -> None:

@@ -16,7 +16,7 @@ import nbformat
 import pytest
 
 from agent_service.notebook import build_notebook, validate
-from agent_service.store import TranscriptStore
+from agent_service.sqlite_store import SqliteStore
 from tests.kernel_mcp.conftest import free_port
 from tests.support.fake_llm import Text, ToolCall
 
@@ -150,10 +150,10 @@ async def test_thousand_cell_transcript_validates(stack: Stack, tmp_path: Path) 
         Text("A frame."),
     )
     await stream_turn(stack, "nb-big", "frame")
-    source = TranscriptStore(stack.agent_settings.data_dir / "transcripts.sqlite3")
+    source = SqliteStore(stack.agent_settings.data_dir / "transcripts.sqlite3")
     record = source.get_session("nb-big")
     events = source.events("nb-big")
-    big = TranscriptStore(tmp_path / "big.sqlite3")
+    big = SqliteStore(tmp_path / "big.sqlite3")
     big.create_session("big", "kernel-agent")
     for i in range(400):  # user + tool result + assistant: 1,200 cells
         for event in events:
