@@ -55,7 +55,9 @@ def invalid_request(errors: list[Any]) -> InvalidRequest:
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
-        return InvalidRequest("request body is not valid JSON", code="invalid_json")
+        detail = (first.get("ctx") or {}).get("error")
+        reason = f": {detail}" if detail else ""
+        return InvalidRequest(f"request body is not valid JSON{reason}", code="invalid_json")
     where = ".".join(loc) or "body"
     return InvalidRequest(f"{where}: {first.get('msg', 'invalid value')}", param=where)
 

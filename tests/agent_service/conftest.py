@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from openai import AsyncOpenAI
@@ -26,8 +30,9 @@ from tests.support.fake_llm import FakeLLM
 class RunningServer:
     """A uvicorn server running as a task of the test's event loop."""
 
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.app = app
+        self.port = port or free_port()
         self.server = uvicorn.Server(
             uvicorn.Config(
                 app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
@@ -61,6 +66,12 @@ class Stack:
     agent: RunningServer
     agent_settings: AgentSettings
     root: Path
+    kernel_settings: KernelSettings
+
+    @property
+    def services(self) -> Any:
+        """The running agent service's shared parts (to inject faults in-process)."""
+        return self.agent.app.state.services
 
     @property
     def base_url(self) -> str:
@@ -75,6 +86,17 @@ class Stack:
         await self.agent.stop()
         settings = self.agent_settings.model_copy(update=overrides)
         self.agent = await RunningServer(create_app(settings)).start()
+
+    async def restart_kernel_mcp(self) -> None:
+        """Stop kernel_mcp (its kernels with it) and start a new one on the same port."""
+        await self.kernel_mcp.stop()
+        self.kernel_mcp = await RunningServer(
+            _kernel_app(self.kernel_settings), self.kernel_mcp.port
+        ).start()
+
+
+def _kernel_app(settings: KernelSettings) -> Any:
+    return create_server(settings).http_app(path="/mcp", host_origin_protection=True)
 
 
 @pytest.fixture
@@ -91,10 +113,7 @@ async def start_stack() -> AsyncIterator[Callable[..., Any]]:
         kernel_settings = KernelSettings(
             workspace=root / "ws", runtime_dir=root / "rt", pool_size=1, interrupt_grace=1.0
         )
-        kernel_app = create_server(kernel_settings).http_app(
-            path="/mcp", host_origin_protection=True
-        )
-        kernel = await RunningServer(kernel_app).start()
+        kernel = await RunningServer(_kernel_app(kernel_settings)).start()
         values: dict[str, Any] = {
             "mcp_url": f"{kernel.url}/mcp",
             "model": model,
@@ -107,7 +126,7 @@ async def start_stack() -> AsyncIterator[Callable[..., Any]]:
         values.update(agent_overrides)
         agent_settings = AgentSettings(**values)
         agent = await RunningServer(create_app(agent_settings)).start()
-        stack = Stack(llm, kernel, agent, agent_settings, root)
+        stack = Stack(llm, kernel, agent, agent_settings, root, kernel_settings)
         stacks.append(stack)
         return stack
 
@@ -124,3 +143,76 @@ async def start_stack() -> AsyncIterator[Callable[..., Any]]:
 async def stack(start_stack: Callable[..., Any]) -> Stack:
     result: Stack = await start_stack()
     return result
+
+
+@dataclass
+class AgentProcess:
+    """`python -m agent_service` as its own process, for signals a test sends it."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kwargs: Any) -> AsyncOpenAI:
+        kwargs.setdefault("api_key", "unused")
+        kwargs.setdefault("max_retries", 0)
+        return AsyncOpenAI(base_url=f"{self.url}/v1", **kwargs)
+
+    async def wait_exit(self, within: float = 60) -> int:
+        code = await asyncio.to_thread(self.process.wait, within)
+        return code
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+async def agent_process(stack: Stack) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: agent_service in a subprocess on the stack's kernel_mcp, LLM and data."""
+    started: list[AgentProcess] = []
+
+    async def start(**env: str) -> AgentProcess:
+        port = free_port()
+        log = stack.root / f"agent-{port}.log"
+        values = {
+            **os.environ,
+            "AGENT_PORT": str(port),
+            "AGENT_MCP_URL": f"{stack.kernel_mcp.url}/mcp",
+            "AGENT_MODEL": "hosted_vllm/fake",
+            "AGENT_API_BASE": stack.llm.base_url,
+            "AGENT_DATA_DIR": str(stack.root / "process-data"),
+            "AGENT_NOTEBOOKS_DIR": str(stack.root / "process-notebooks"),
+            "AGENT_LLM_RETRIES": "0",
+            "AGENT_UI": "false",
+            **env,
+        }
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "agent_service", "--log-level", "info"],
+                env=values,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        agent = AgentProcess(process, port, log)
+        started.append(agent)
+        deadline = time.monotonic() + 60
+        async with httpx.AsyncClient(base_url=agent.url) as http:
+            while True:
+                assert process.poll() is None, f"agent_service exited:\n{agent.output()}"
+                assert time.monotonic() < deadline, f"agent_service not up:\n{agent.output()}"
+                try:
+                    if (await http.get("/v1/models")).status_code == 200:
+                        return agent
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    yield start
+    for agent in started:
+        if agent.process.poll() is None:
+            agent.process.kill()
+            await agent.wait_exit()

@@ -181,8 +181,13 @@ async def test_deterministic_session_replays_clean_and_tampering_is_caught(
     await stream_turn(stack, "nb-replay", "compute")
     path = stack.agent_settings.notebooks_dir / "nb-replay.ipynb"
     await on_disk(path, 4)
-    clean = subprocess.run(
-        [str(KERNEL_AGENT), "replay", str(path)], capture_output=True, text=True, timeout=120
+    # In a thread: the event loop serves both in-process servers meanwhile.
+    clean = await asyncio.to_thread(
+        subprocess.run,
+        [str(KERNEL_AGENT), "replay", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "4 matched, 0 differ" in clean.stdout
@@ -191,7 +196,8 @@ async def test_deterministic_session_replays_clean_and_tampering_is_caught(
     code[1].outputs[0]["text"] = "7.5\n"  # tamper with the recorded output
     tampered = tmp_path / "tampered.ipynb"
     nbformat.write(notebook, tampered)
-    result = subprocess.run(
+    result = await asyncio.to_thread(
+        subprocess.run,
         [str(KERNEL_AGENT), "replay", str(tampered), "--json"],
         capture_output=True,
         text=True,

@@ -20,6 +20,7 @@ Steps:
                               "malformed" (a `data:` line that is not JSON, then the body ends
                               without `data: [DONE]`)
     Stall(seconds, then)      waits before answering (no response headers meanwhile), then `then`
+    Hold(gate, then)          waits until `gate` (a `Gate`) is opened, then answers `then`
 
 A plain `str` passed to `script()` means `Text(str)`. When the script runs out, the server
 answers 500 "fake LLM script exhausted", so a test that makes an unplanned call fails visibly.
@@ -52,6 +53,8 @@ from starlette.types import Receive, Scope, Send
 __all__ = [
     "Error",
     "FakeLLM",
+    "Gate",
+    "Hold",
     "MidStreamError",
     "Stall",
     "Step",
@@ -127,7 +130,29 @@ class Stall:
     then: Step = Text("")
 
 
-Step = Text | ToolCall | ToolCalls | Error | MidStreamError | Stall
+class Gate:
+    """Opened by a test (any thread) to release the `Hold` steps waiting on it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def open(self) -> None:
+        self._event.set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Sends nothing until `gate` is opened (or the server stops), then answers `then`."""
+
+    gate: Gate
+    then: Step = Text("")
+
+
+Step = Text | ToolCall | ToolCalls | Error | MidStreamError | Stall | Hold
 
 # uvicorn logs an error when a response ends unfinished; a deliberate break marks its request
 # task so the filter below drops that one record and nothing else.
@@ -367,6 +392,14 @@ class FakeLLM:
     def _next_call_id(self) -> str:
         return f"call_fake_{next(self._call_ids)}"
 
+    async def _hold(self, gate: Gate) -> None:
+        """Wait for the gate (polled: it is opened from another thread), or raise _Stopping."""
+        assert self._stop is not None
+        while not gate.is_open:
+            if self._stop.is_set():
+                raise _Stopping
+            await asyncio.sleep(0.005)
+
     async def _sleep(self, seconds: float) -> None:
         """Sleep, or raise _Stopping as soon as the server stops."""
         if seconds <= 0:
@@ -427,8 +460,11 @@ class _StepResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         step = self.step
         try:
-            while isinstance(step, Stall):
-                await self.llm._sleep(step.seconds)
+            while isinstance(step, Stall | Hold):
+                if isinstance(step, Stall):
+                    await self.llm._sleep(step.seconds)
+                else:
+                    await self.llm._hold(step.gate)
                 step = step.then
             if isinstance(step, Error):
                 await _error_response(step)(scope, receive, send)
