@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from .context import (
     History,
     Item,
     Message,
+    TurnItems,
     assistant_message,
     fit,
     make_item,
@@ -73,6 +75,8 @@ _BUDGET_MARGIN = 0.02
 _COUNT_INLINE_CHARS = 20_000
 """Messages larger than this are counted in a thread, off the event loop."""
 _LIVE_KEPT_CHARS = 100_000
+_CACHED_SESSIONS = 32
+"""Sessions whose model-ready history is kept in memory between turns."""
 
 
 @dataclass
@@ -131,6 +135,15 @@ def _restarted(name: str, outcome: ToolOutcome) -> bool:
     )
 
 
+@dataclass
+class _CachedHistory:
+    """A session's older turns as the model sees them, ready for its next turn."""
+
+    last_turn: int
+    limit: int
+    history: History
+
+
 class _Turn:
     """The state of one running turn."""
 
@@ -168,6 +181,13 @@ class Agent:
         self.prompts = prompts
         self.model = model
         self.exporter = exporter
+        self._histories: OrderedDict[str, _CachedHistory] = OrderedDict()
+        self._cached_model: dict[str, str] = {}
+
+    def forget(self, session_id: str) -> None:
+        """Drop what is kept in memory of a session (it was deleted or changed elsewhere)."""
+        self._histories.pop(session_id, None)
+        self._cached_model.pop(session_id, None)
 
     def counter(self, model: str) -> Counter:
         return functools.partial(self.model.count_tokens, model)
@@ -199,6 +219,7 @@ class Agent:
     async def run_turn(self, spec: TurnSpec, emit: Emit) -> None:
         """Run one turn to its end, emitting content; never raises for expected faults."""
         sid = spec.session_id
+        await self.model.ready()
         record = self.store.get_session(sid)
         t = _Turn(spec, (record.last_turn if record else 0) + 1, emit, self.counter(spec.model))
         user = {"role": "user", "content": spec.user_content}
@@ -260,6 +281,9 @@ class Agent:
         finally:
             if isinstance(final, Finished):
                 self._extend_digest(sid, spec.user_content, "".join(t.sent))
+                self._keep_history(t)
+            else:
+                self.forget(sid)
             self.exporter.schedule(sid)
             if final is not None:
                 emit(final)
@@ -275,15 +299,50 @@ class Agent:
         limit = self.model.max_input_tokens(model)
         return limit - max(16, int(limit * _BUDGET_MARGIN))
 
-    async def _history(self, t: _Turn, budget: int) -> History:
-        """Older turns as far as they can fit, read newest first off the event loop."""
+    async def _history(self, t: _Turn, limit: int) -> History:
+        """Older turns as far as they can fit: kept from the last turn, else read newest first.
+
+        Kept only while the store agrees nothing happened in between (the session's last turn
+        is the one kept), and for the same model's counts.
+        """
+        cached = self._histories.get(t.sid)
+        if (
+            cached is not None
+            and cached.last_turn == t.turn - 1
+            and (cached.limit >= limit or cached.history.complete)
+            and self._cached_model.get(t.sid) == t.spec.model
+        ):
+            self._histories.move_to_end(t.sid)
+            return cached.history
 
         def read() -> History:
-            history = read_history(self.store.newest_events(t.sid, t.turn), t.count, budget)
+            history = read_history(self.store.newest_events(t.sid, t.turn), t.count, limit)
             self.store.set_tokens(history.counted)
             return history
 
-        return await asyncio.to_thread(read)
+        history = await asyncio.to_thread(read)
+        self._histories[t.sid] = _CachedHistory(t.turn - 1, limit, history)
+        self._cached_model[t.sid] = t.spec.model
+        while len(self._histories) > _CACHED_SESSIONS:
+            evicted, _ = self._histories.popitem(last=False)
+            self._cached_model.pop(evicted, None)
+        return history
+
+    def _keep_history(self, t: _Turn) -> None:
+        """Add the finished turn to the kept history, dropping what no longer fits."""
+        cached = self._histories.get(t.sid)
+        if cached is None or cached.last_turn != t.turn - 1:
+            self.forget(t.sid)
+            return
+        turns = [TurnItems(t.turn, list(t.current)), *cached.history.turns]
+        kept, spent = [], 0
+        for turn in turns:
+            spent += turn.tokens_short
+            if spent > cached.limit:
+                break
+            kept.append(turn)
+        complete = cached.history.complete and len(kept) == len(turns)
+        self._histories[t.sid] = _CachedHistory(t.turn, cached.limit, History(kept, complete))
 
     def _request(
         self,
@@ -410,6 +469,7 @@ class Agent:
         self, sid: str, code: str, timeout: float | None
     ) -> tuple[int, ToolOutcome]:
         """Run code the user typed (no model), recorded like any execution."""
+        await self.model.ready()
         record = self.store.get_session(sid)
         turn = (record.last_turn if record else 0) + 1
         arguments: dict[str, Any] = {"code": code}
@@ -434,6 +494,7 @@ class Agent:
             self.store.append(sid, turn, "error", {"message": exc.message, "code": exc.code})
             raise
         event_id = await self._record_tool(t, call, arguments, outcome, direct=True)
+        self.forget(sid)
         self.exporter.schedule(sid)
         return event_id, outcome
 

@@ -150,6 +150,15 @@ class ModelAdapter:
         self.warm = True
         logger.info("litellm loaded: the service is warm")
 
+    async def ready(self) -> None:
+        """Wait for litellm's import off the event loop (a no-op once it is loaded).
+
+        Counting tokens or calling the model imports litellm; done inline, the event loop
+        would wait seconds on the start-up import's lock.
+        """
+        if _module is None:
+            await asyncio.to_thread(load_litellm)
+
     def _warm(self) -> None:
         load_litellm()
         if self._settings.model:
@@ -177,7 +186,8 @@ class ModelAdapter:
         params: ModelParams | None = None,
     ) -> AsyncIterator[TextDelta | ModelReply]:
         """Yield text deltas as they arrive, then one ModelReply."""
-        litellm = await asyncio.to_thread(load_litellm) if _module is None else _module
+        await self.ready()
+        litellm = load_litellm()
         kwargs = self._base_kwargs(model)
         kwargs.update(messages=messages, stream=True, stream_options={"include_usage": True})
         kwargs.update((params or ModelParams()).kwargs(self._settings))

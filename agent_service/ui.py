@@ -222,6 +222,8 @@ def _history(events: list[dict[str, Any]]) -> list[dict[str, str]]:
             add("user", "*Ran in the kernel:*\n\n" + _execution_md(event))
         elif kind == "tool_result":
             add("assistant", _execution_md(event))
+        elif kind == "note":
+            add("assistant", f"> **Note:** {html.escape(str(event.get('text')), quote=False)}")
         elif kind == "error":
             add("assistant", f"**Error:** {html.escape(str(event.get('message')), quote=False)}")
     return messages

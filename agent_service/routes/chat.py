@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sse_starlette import EventSourceResponse
 
 from ..agent import Content, Failed, Finished, TurnEvent, TurnSpec
@@ -29,7 +29,7 @@ from ..errors import (
     ShuttingDown,
 )
 from ..llm import ModelParams
-from ..schemas import ChatCompletionRequest, Completion
+from ..schemas import ChatCompletionRequest, ChatMessage, Completion
 from ..security import Principal
 from ..services import Services
 from ..store import NewEvent, TranscriptStore
@@ -78,20 +78,62 @@ async def skills(svc: Svc, caller: Caller) -> dict[str, Any]:
     return {"object": "list", "data": await svc.kernels.skills()}
 
 
-async def _parse(raw: bytes, svc: Services) -> ChatCompletionRequest:
+_MESSAGES: TypeAdapter[list[ChatMessage]] = TypeAdapter(list[ChatMessage])
+_SLICE = 256
+
+
+def _parse_body(raw: bytes, limit: int) -> ChatCompletionRequest:
+    """Parse and validate a chat request, checking its size before the costly part.
+
+    Messages are validated in slices: pydantic holds the GIL while it validates, so one
+    call over thousands of messages would stall the event loop's thread meanwhile.
+    """
     try:
-        if len(raw) > _PARSE_INLINE_BYTES:
-            body = await asyncio.to_thread(ChatCompletionRequest.model_validate_json, raw)
-        else:
-            body = ChatCompletionRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        raise invalid_request(exc.errors()) from None
-    limit = svc.settings.max_request_messages
-    if len(body.messages) > limit:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list) or len(messages) <= _SLICE:
+        try:
+            return ChatCompletionRequest.model_validate(data)
+        except ValidationError as exc:
+            raise invalid_request(exc.errors()) from None
+    if len(messages) > limit:
         raise RequestTooLarge(
-            f"the request carries {len(body.messages):,} messages; at most {limit:,} are "
+            f"the request carries {len(messages):,} messages; at most {limit:,} are "
             "accepted (the service keeps the conversation: send only the new message with "
             "X-Session-Id)",
+            param="messages",
+        )
+    validated: list[ChatMessage] = []
+    for start in range(0, len(messages), _SLICE):
+        try:
+            validated += _MESSAGES.validate_python(messages[start : start + _SLICE])
+        except ValidationError as exc:
+            errors = [
+                {**e, "loc": ("messages", start + int(e["loc"][0]), *e["loc"][1:])}
+                for e in exc.errors()
+            ]
+            raise invalid_request(errors) from None
+    try:
+        body = ChatCompletionRequest.model_validate({**data, "messages": messages[:1]})
+    except ValidationError as exc:
+        raise invalid_request(exc.errors()) from None
+    body.messages = validated
+    return body
+
+
+async def _parse(raw: bytes, svc: Services) -> ChatCompletionRequest:
+    limit = svc.settings.max_request_messages
+    if len(raw) > _PARSE_INLINE_BYTES:
+        body = await asyncio.to_thread(_parse_body, raw, limit)
+    else:
+        body = _parse_body(raw, limit)
+    if len(body.messages) > limit:
+        raise RequestTooLarge(
+            f"the request carries {len(body.messages):,} messages; at most {limit:,} are accepted",
             param="messages",
         )
     return body

@@ -66,6 +66,7 @@ async def delete_session(session_id: str, svc: Svc, caller: Caller) -> dict[str,
             kernel_shut_down = False
         await svc.exporter.flush()
         svc.store.delete_session(session_id)
+        svc.agent.forget(session_id)
         svc.exporter.path(session_id).unlink(missing_ok=True)
     return {
         "id": session_id,

@@ -1,0 +1,202 @@
+"""Benchmark what a turn costs as the history grows, and what huge requests cost the others.
+
+1. Per-turn context work against the history length. A session of N stored turns, each a
+   user message, a tool call, a plot (a 100 kB PNG) and an answer, in the real SQLite store.
+   Timed: what a turn does before calling the model. The first turn after a start reads the
+   older turns newest first, small rows only, until the budget (litellm's default 128,000
+   tokens) is spent (`read_history`), then fits them (`fit`); every later turn fits the
+   history kept from the turn before (`fit` alone). Against: reading the whole transcript
+   with its outputs (`events()`), what every turn did before issue 12.
+2. Event-loop stalls from big requests. agent_service (in this process, uvicorn) with the
+   tests' fake LLM and no kernel_mcp; a ticker requests `GET /v1/models` every 10 ms and
+   records the slowest answer while one client sends a request of 10,000 messages (a new
+   header-less conversation: parsed, imported, answered) and one of 45,000 (refused, 413).
+
+Run: ``.venv/bin/python bench/agent_history.py``. Prints one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import asyncio  # noqa: E402
+import base64  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+
+from agent_service.app import create_app  # noqa: E402
+from agent_service.config import Settings  # noqa: E402
+from agent_service.context import fit, read_history  # noqa: E402
+from agent_service.llm import ModelAdapter  # noqa: E402
+from agent_service.sqlite_store import SqliteStore  # noqa: E402
+from tests.agent_service.conftest import RunningServer  # noqa: E402
+from tests.kernel_mcp.conftest import free_port  # noqa: E402
+from tests.support.fake_llm import FakeLLM, Text  # noqa: E402
+
+MODEL = "hosted_vllm/fake"
+PNG = base64.b64encode(b"\x89PNG" + bytes(100_000)).decode()
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _fill(store: SqliteStore, sid: str, turns: int) -> None:
+    store.create_session(sid, "kernel-agent")
+    for turn in range(1, turns + 1):
+        call = {"id": f"c{turn}", "name": "execute_code", "arguments": '{"code": "plot()"}'}
+        store.append(sid, turn, "user", {"content": f"Plot series {turn}, please."})
+        store.append(sid, turn, "assistant", {"content": "", "tool_calls": [call]})
+        outputs = [{"output_type": "display_data", "data": {"image/png": PNG}, "metadata": {}}]
+        store.append(
+            sid,
+            turn,
+            "tool_result",
+            {
+                "call_id": f"c{turn}",
+                "name": "execute_code",
+                "arguments": {"code": "plot()"},
+                "text": "[image/png image shown to the user]",
+                "is_error": False,
+                "structured": {"status": "ok", "execution_count": turn, "outputs": outputs},
+            },
+        )
+        store.append(sid, turn, "assistant", {"content": f"Here is series {turn}."})
+
+
+def per_turn_work(root: Path) -> dict[str, Any]:
+    adapter = ModelAdapter(Settings(model=MODEL, data_dir=root, notebooks_dir=root))
+
+    def count(messages: list[dict[str, Any]]) -> int:
+        return adapter.count_tokens(MODEL, messages)
+
+    budget = adapter.max_input_tokens(MODEL)
+    figures: dict[str, Any] = {}
+    for turns in (10, 100, 1000):
+        store = SqliteStore(root / f"h{turns}.sqlite3")
+        _fill(store, "s", turns)
+        # The first read counts each event's tokens once and stores them; then every turn
+        # reads the stored counts.
+        store.set_tokens(read_history(store.newest_events("s", turns + 1), count, budget).counted)
+        cold, warm, before = [], [], []
+        for _ in range(15):
+            started = time.perf_counter()
+            history = read_history(store.newest_events("s", turns + 1), count, budget)
+            window = fit(history, [], 1000, budget)
+            cold.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            window = fit(history, [], 1000, budget)
+            warm.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            store.events("s")
+            before.append(time.perf_counter() - started)
+        figures[str(turns)] = {
+            "turn_context_ms_p50": _ms(statistics.median(warm)),
+            "first_turn_after_start_ms_p50": _ms(statistics.median(cold)),
+            "messages_sent": len(window.messages),
+            "whole_transcript_read_ms_p50": _ms(statistics.median(before)),
+        }
+        store.close()
+    return figures
+
+
+async def stalls(root: Path) -> dict[str, Any]:
+    llm = FakeLLM()
+    await llm.__aenter__()
+    settings = Settings(
+        mcp_url=f"http://127.0.0.1:{free_port()}/mcp",  # nothing listens: no tools
+        model=MODEL,
+        api_base=llm.base_url,
+        data_dir=root / "data",
+        notebooks_dir=root / "notebooks",
+        ui=False,
+    )
+    server = await RunningServer(create_app(settings)).start()
+    figures: dict[str, Any] = {}
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            # Warm up: litellm imported, one turn through the whole path.
+            llm.script(Text("warm"))
+            await http.post(
+                "/v1/chat/completions",
+                json={"model": "kernel-agent", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            for count in (10_000, 45_000):
+                messages = [
+                    {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
+                    for i in range(count - 1)
+                ] + [{"role": "user", "content": "and now?"}]
+                llm.script(Text("answered"))
+                figures[str(count)] = await _while_others_wait(server.url, http, messages)
+    finally:
+        await server.stop()
+        await llm.__aexit__(None, None, None)
+    return figures
+
+
+async def _while_others_wait(
+    url: str, http: httpx.AsyncClient, messages: list[dict[str, str]]
+) -> dict[str, Any]:
+    """Send one big request while a ticker measures how long small ones wait."""
+    slowest = 0.0
+    samples = 0
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        nonlocal slowest, samples
+        async with httpx.AsyncClient(base_url=url) as ticker:
+            while not done.is_set():
+                started = time.perf_counter()
+                await ticker.get("/v1/models")
+                slowest = max(slowest, time.perf_counter() - started)
+                samples += 1
+                await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(tick())
+    await asyncio.sleep(0.2)
+    started = time.perf_counter()
+    response = await http.post(
+        "/v1/chat/completions", json={"model": "kernel-agent", "messages": messages}
+    )
+    elapsed = time.perf_counter() - started
+    await asyncio.sleep(0.2)
+    done.set()
+    await task
+    return {
+        "status": response.status_code,
+        "request_ms": _ms(elapsed),
+        "slowest_other_request_ms": _ms(slowest),
+        "other_requests": samples,
+    }
+
+
+async def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="ka-bench-") as tmp:
+        root = Path(tmp)
+        print("per-turn context work ...", file=sys.stderr)
+        history = await asyncio.to_thread(per_turn_work, root)
+        print("event-loop stalls ...", file=sys.stderr)
+        stall = await stalls(root)
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()} {platform.python_version()}",
+                "per_turn_by_history_turns": history,
+                "big_requests": stall,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
