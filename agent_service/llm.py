@@ -2,22 +2,26 @@
 
 litellm is imported in the background at start-up (it takes seconds) with its
 network look-ups off, so start-up never waits on the network and the first user
-does not wait for the import. Token counts come from litellm's offline counter.
-Provider failures become `ProviderError`.
+does not wait for the import. Every litellm call runs on an event loop of its own,
+in a thread: litellm does synchronous work per call (request transformation, its
+logging payloads) that takes most of a second for a request of thousands of
+messages, and on the service's loop that would stall every other client. Token
+counts come from litellm's offline counter. Provider failures become `ProviderError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Settings
 from .errors import ProviderError
@@ -44,6 +48,62 @@ def load_litellm() -> ModuleType:
             logging.getLogger("LiteLLM").setLevel(logging.WARNING)
             _module = litellm
     return _module
+
+
+T = TypeVar("T")
+_END = object()
+
+
+class _ModelLoop:
+    """The event loop, in a daemon thread, where every litellm call runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="litellm-loop", daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+
+_MODEL_LOOP = _ModelLoop()
+
+
+async def _on_model_loop(items: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
+    """Iterate `items()` on the model loop; its items (and its exception) arrive here."""
+    caller = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
+
+    def deliver(item: Any, error: BaseException | None = None) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody listens
+            caller.call_soon_threadsafe(queue.put_nowait, (item, error))
+
+    async def pump() -> None:
+        try:
+            async for item in items():
+                deliver(item)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            deliver(_END, exc)
+        else:
+            deliver(_END)
+
+    future = asyncio.run_coroutine_threadsafe(pump(), _MODEL_LOOP.get())
+    try:
+        while True:
+            item, error = await queue.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        future.cancel()  # the caller stopped listening: stop the call too
 
 
 @dataclass
@@ -187,6 +247,16 @@ class ModelAdapter:
     ) -> AsyncIterator[TextDelta | ModelReply]:
         """Yield text deltas as they arrive, then one ModelReply."""
         await self.ready()
+        async for item in _on_model_loop(lambda: self._stream(model, messages, tools, params)):
+            yield item
+
+    async def _stream(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        params: ModelParams | None,
+    ) -> AsyncIterator[TextDelta | ModelReply]:
         litellm = load_litellm()
         kwargs = self._base_kwargs(model)
         kwargs.update(messages=messages, stream=True, stream_options={"include_usage": True})

@@ -2,9 +2,10 @@
 
 Every event of a conversation is appended as it happens, so a crash, a dropped
 client or a restart never loses what was said or computed. Heavy outputs live in
-their own table, so the rows a turn reads stay small. Calls are short local writes
-behind one lock; callers with bulk work (history imports, long reads) call from a
-thread.
+their own table, so the rows a turn reads stay small. Each thread has its own
+connection: in WAL mode readers never wait, so a long read in a worker thread (a
+notebook export, a session page) never holds up the event loop's short writes;
+writes wait only for each other, and bulk writes go in bounded transactions.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ _SESSION_FIELDS = {
     "digest",
 }
 _PAGE = 256
+_WRITE_BATCH = 500
+_BUSY_TIMEOUT = 30.0
 
 
 class SqliteStore:
@@ -78,14 +81,35 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        db = self._connection()
+        db.execute("PRAGMA journal_mode=WAL")
+        self._migrate()
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        return self._connection()
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection (made on first use)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            if self._closed:
+                raise RuntimeError("the transcript store is closed")
+            # check_same_thread=False only so close() may close them all from one thread.
+            db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT
+            )
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -100,18 +124,22 @@ class SqliteStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        """One transaction (the connection is in autocommit mode otherwise)."""
-        self._db.execute("BEGIN")
+        """One write transaction (the connection is in autocommit mode otherwise)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock later
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._closed = True
+        with self._connections_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
 
     # -- sessions -------------------------------------------------------------
 
@@ -119,58 +147,51 @@ class SqliteStore:
         self, session_id: str, model: str | None, owner: str | None = None
     ) -> SessionRecord:
         now = time.time()
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO sessions (id, created, updated, model, owner) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (session_id, now, now, model, owner),
-            )
+        self._db.execute(
+            "INSERT OR IGNORE INTO sessions (id, created, updated, model, owner) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (session_id, now, now, model, owner),
+        )
         record = self.get_session(session_id)
         assert record is not None
         return record
 
     def get_session(self, session_id: str) -> SessionRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
         return SessionRecord(**dict(row)) if row else None
 
     def list_sessions(
         self, limit: int = 100, owner: str | None = None, everyone: bool = True
     ) -> list[SessionRecord]:
-        with self._lock:
-            if everyone:
-                rows = self._db.execute(
-                    "SELECT * FROM sessions ORDER BY updated DESC LIMIT ?", (limit,)
-                ).fetchall()
-            else:
-                rows = self._db.execute(
-                    "SELECT * FROM sessions WHERE owner IS ? ORDER BY updated DESC LIMIT ?",
-                    (owner, limit),
-                ).fetchall()
+        if everyone:
+            rows = self._db.execute(
+                "SELECT * FROM sessions ORDER BY updated DESC LIMIT ?", (limit,)
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM sessions WHERE owner IS ? ORDER BY updated DESC LIMIT ?",
+                (owner, limit),
+            ).fetchall()
         return [SessionRecord(**dict(r)) for r in rows]
 
     def update_session(self, session_id: str, **fields: Any) -> None:
         if not fields or not set(fields) <= _SESSION_FIELDS:
             raise ValueError(f"unknown session fields: {set(fields) - _SESSION_FIELDS}")
         columns = ", ".join(f"{k} = ?" for k in fields)
-        with self._lock:
-            self._db.execute(
-                f"UPDATE sessions SET {columns}, updated = ? WHERE id = ?",
-                (*fields.values(), time.time(), session_id),
-            )
+        self._db.execute(
+            f"UPDATE sessions SET {columns}, updated = ? WHERE id = ?",
+            (*fields.values(), time.time(), session_id),
+        )
 
     def delete_session(self, session_id: str) -> bool:
-        with self._lock:
-            cursor = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        cursor = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
         return cursor.rowcount > 0
 
     def find_continued(self, owner: str | None, digest: str) -> str | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id FROM sessions WHERE digest = ? AND owner IS ? "
-                "ORDER BY updated DESC LIMIT 1",
-                (digest, owner),
-            ).fetchone()
+        row = self._db.execute(
+            "SELECT id FROM sessions WHERE digest = ? AND owner IS ? ORDER BY updated DESC LIMIT 1",
+            (digest, owner),
+        ).fetchone()
         return str(row[0]) if row else None
 
     # -- events ---------------------------------------------------------------
@@ -189,7 +210,7 @@ class SqliteStore:
         light, heavy = split_heavy(data)
         payload = json.dumps(light, ensure_ascii=False)
         heavy_payload = json.dumps(heavy, ensure_ascii=False) if heavy is not None else None
-        with self._lock, self._transaction():
+        with self._transaction():
             cursor = self._db.execute(
                 "INSERT INTO events (session_id, turn, type, data, created, tokens, tokens_short) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -213,7 +234,7 @@ class SqliteStore:
             for e in events
         ]
         users = sum(e.type == "user" for e in events)
-        with self._lock, self._transaction():
+        with self._transaction():
             self._db.executemany(
                 "INSERT INTO events (session_id, turn, type, data, created) VALUES (?, ?, ?, ?, ?)",
                 rows,
@@ -232,71 +253,78 @@ class SqliteStore:
         )
 
     def append_output(self, event_id: int, text: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO live_output (event_id, text) VALUES (?, ?)", (event_id, text)
-            )
+        self._db.execute("INSERT INTO live_output (event_id, text) VALUES (?, ?)", (event_id, text))
 
     def drop_output(self, event_id: int) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM live_output WHERE event_id = ?", (event_id,))
+        self._db.execute("DELETE FROM live_output WHERE event_id = ?", (event_id,))
 
     def set_tokens(self, costs: list[tuple[int, int, int]]) -> None:
-        if not costs:
-            return
-        with self._lock, self._transaction():
-            self._db.executemany(
-                "UPDATE events SET tokens = ?, tokens_short = ? WHERE id = ?",
-                [(full, short, event_id) for event_id, full, short in costs],
-            )
+        for start in range(0, len(costs), _WRITE_BATCH):  # short transactions: others write too
+            batch = costs[start : start + _WRITE_BATCH]
+            with self._transaction():
+                self._db.executemany(
+                    "UPDATE events SET tokens = ?, tokens_short = ? WHERE id = ?",
+                    [(full, short, event_id) for event_id, full, short in batch],
+                )
 
     def events(self, session_id: str, *, heavy: bool = True) -> list[Event]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM events WHERE session_id = ? ORDER BY id", (session_id,)
+        with self._snapshot():
+            return self._events(session_id, heavy)
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """Several reads that see one state of the file (WAL: writers are not held up)."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            db.execute("COMMIT")
+
+    def _events(self, session_id: str, heavy: bool) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT * FROM events WHERE session_id = ? ORDER BY id", (session_id,)
+        ).fetchall()
+        if not heavy:
+            return [_event(r) for r in rows]
+        outputs = dict(
+            self._db.execute(
+                "SELECT o.event_id, o.data FROM outputs o JOIN events e ON e.id = o.event_id "
+                "WHERE e.session_id = ?",
+                (session_id,),
             ).fetchall()
-            if not heavy:
-                return [_event(r) for r in rows]
-            outputs = dict(
-                self._db.execute(
-                    "SELECT o.event_id, o.data FROM outputs o JOIN events e ON e.id = o.event_id "
-                    "WHERE e.session_id = ?",
-                    (session_id,),
-                ).fetchall()
-            )
-            live = self._live_output(session_id)
+        )
+        live = self._live_output(session_id)
         return [_event(r, outputs.get(r["id"]), live.get(r["id"])) for r in rows]
 
     def event(self, session_id: str, event_id: int, *, heavy: bool = True) -> Event | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM events WHERE session_id = ? AND id = ?", (session_id, event_id)
-            ).fetchone()
-            if row is None:
-                return None
-            if not heavy:
-                return _event(row)
-            output = self._db.execute(
-                "SELECT data FROM outputs WHERE event_id = ?", (event_id,)
-            ).fetchone()
-            live = self._db.execute(
-                "SELECT group_concat(text, '') FROM "
-                "(SELECT text FROM live_output WHERE event_id = ? ORDER BY id)",
-                (event_id,),
-            ).fetchone()[0]
+        row = self._db.execute(
+            "SELECT * FROM events WHERE session_id = ? AND id = ?", (session_id, event_id)
+        ).fetchone()
+        if row is None:
+            return None
+        if not heavy:
+            return _event(row)
+        output = self._db.execute(
+            "SELECT data FROM outputs WHERE event_id = ?", (event_id,)
+        ).fetchone()
+        live = self._db.execute(
+            "SELECT group_concat(text, '') FROM "
+            "(SELECT text FROM live_output WHERE event_id = ? ORDER BY id)",
+            (event_id,),
+        ).fetchone()[0]
         return _event(row, output[0] if output else None, live)
 
     def newest_events(self, session_id: str, before_turn: int) -> Iterator[Event]:
         last_id: int | None = None
         while True:
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT * FROM events WHERE session_id = ? AND turn < ? AND id < ? "
-                    "ORDER BY id DESC LIMIT ?",
-                    (session_id, before_turn, last_id if last_id is not None else 2**62, _PAGE),
-                ).fetchall()
-                started = [r["id"] for r in rows if r["type"] == "tool_started"]
-                live = self._live_output_of(started)
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE session_id = ? AND turn < ? AND id < ? "
+                "ORDER BY id DESC LIMIT ?",
+                (session_id, before_turn, last_id if last_id is not None else 2**62, _PAGE),
+            ).fetchall()
+            started = [r["id"] for r in rows if r["type"] == "tool_started"]
+            live = self._live_output_of(started)
             for row in rows:
                 yield _event(row, None, live.get(row["id"]))
             if len(rows) < _PAGE:

@@ -64,6 +64,8 @@ class TurnRegistry:
             except asyncio.CancelledError:
                 emit(Failed(ShuttingDown("the turn was stopped: the service is shutting down")))
                 raise
+            except ServiceError as exc:  # refused before the turn began (e.g. not the caller's)
+                emit(Failed(exc))
             except Exception:
                 logger.exception("session %s: the turn crashed", session_id)
                 emit(Failed(ServiceError("the turn failed unexpectedly; the transcript is kept")))

@@ -7,10 +7,11 @@
    tokens) is spent (`read_history`), then fits them (`fit`); every later turn fits the
    history kept from the turn before (`fit` alone). Against: reading the whole transcript
    with its outputs (`events()`), what every turn did before issue 12.
-2. Event-loop stalls from big requests. agent_service (in this process, uvicorn) with the
-   tests' fake LLM and no kernel_mcp; a ticker requests `GET /v1/models` every 10 ms and
-   records the slowest answer while one client sends a request of 10,000 messages (a new
-   header-less conversation: parsed, imported, answered) and one of 45,000 (refused, 413).
+2. Event-loop stalls from big requests. `python -m agent_service` and the tests' fake LLM,
+   each in its own process (in one process their CPU work would contend for one GIL), no
+   kernel_mcp; a ticker requests `GET /v1/models` every 10 ms and records the slowest
+   answer while one client sends a request of 10,000 messages (a new header-less
+   conversation: parsed, imported, answered) and one of 45,000 (refused, 413).
 
 Run: ``.venv/bin/python bench/agent_history.py``. Prints one JSON line on stdout.
 """
@@ -26,22 +27,21 @@ sys.path.insert(0, str(REPO))
 import asyncio  # noqa: E402
 import base64  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 
-from agent_service.app import create_app  # noqa: E402
 from agent_service.config import Settings  # noqa: E402
 from agent_service.context import fit, read_history  # noqa: E402
 from agent_service.llm import ModelAdapter  # noqa: E402
 from agent_service.sqlite_store import SqliteStore  # noqa: E402
-from tests.agent_service.conftest import RunningServer  # noqa: E402
 from tests.kernel_mcp.conftest import free_port  # noqa: E402
-from tests.support.fake_llm import FakeLLM, Text  # noqa: E402
 
 MODEL = "hosted_vllm/fake"
 PNG = base64.b64encode(b"\x89PNG" + bytes(100_000)).decode()
@@ -110,24 +110,61 @@ def per_turn_work(root: Path) -> dict[str, Any]:
     return figures
 
 
-async def stalls(root: Path) -> dict[str, Any]:
-    llm = FakeLLM()
-    await llm.__aenter__()
-    settings = Settings(
-        mcp_url=f"http://127.0.0.1:{free_port()}/mcp",  # nothing listens: no tools
-        model=MODEL,
-        api_base=llm.base_url,
-        data_dir=root / "data",
-        notebooks_dir=root / "notebooks",
-        ui=False,
+_FAKE_LLM = """
+import sys, threading
+sys.path.insert(0, {repo!r})
+from tests.support.fake_llm import FakeLLM, Text
+llm = FakeLLM(*[Text("answered")] * 20).start()
+print(llm.base_url, flush=True)
+threading.Event().wait()
+"""
+
+
+def _start_processes(root: Path) -> tuple[subprocess.Popen[str], subprocess.Popen[bytes], int]:
+    """The fake LLM and agent_service, each a process of its own; returns the agent's port."""
+    fake = subprocess.Popen(
+        [sys.executable, "-c", _FAKE_LLM.format(repo=str(REPO))],
+        stdout=subprocess.PIPE,
+        text=True,
     )
-    server = await RunningServer(create_app(settings)).start()
+    assert fake.stdout is not None
+    base_url = fake.stdout.readline().strip()
+    port = free_port()
+    env = {
+        **os.environ,
+        "AGENT_PORT": str(port),
+        "AGENT_MCP_URL": f"http://127.0.0.1:{free_port()}/mcp",  # nothing listens: no tools
+        "AGENT_MODEL": MODEL,
+        "AGENT_API_BASE": base_url,
+        "AGENT_DATA_DIR": str(root / "data"),
+        "AGENT_NOTEBOOKS_DIR": str(root / "notebooks"),
+        "AGENT_UI": "false",
+    }
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent_service", "--log-level", "warning"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    return fake, agent, port
+
+
+async def stalls(root: Path) -> dict[str, Any]:
+    """agent_service and the fake LLM each in a process of their own, as in production."""
+    fake, agent, port = await asyncio.to_thread(_start_processes, root)
+    url = f"http://127.0.0.1:{port}"
     figures: dict[str, Any] = {}
     try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
-            # Warm up: litellm imported, one turn through the whole path.
-            llm.script(Text("warm"))
-            await http.post(
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if (await http.get("/health")).json().get("warm"):
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "agent_service did not start"
+                await asyncio.sleep(0.05)
+            await http.post(  # one turn through the whole path first
                 "/v1/chat/completions",
                 json={"model": "kernel-agent", "messages": [{"role": "user", "content": "hi"}]},
             )
@@ -136,12 +173,16 @@ async def stalls(root: Path) -> dict[str, Any]:
                     {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
                     for i in range(count - 1)
                 ] + [{"role": "user", "content": "and now?"}]
-                llm.script(Text("answered"))
-                figures[str(count)] = await _while_others_wait(server.url, http, messages)
+                figures[str(count)] = await _while_others_wait(url, http, messages)
     finally:
-        await server.stop()
-        await llm.__aexit__(None, None, None)
+        await asyncio.to_thread(_stop_processes, agent, fake)
     return figures
+
+
+def _stop_processes(*processes: subprocess.Popen[Any]) -> None:
+    for process in processes:
+        process.terminate()
+        process.wait(30)
 
 
 async def _while_others_wait(
