@@ -158,7 +158,7 @@ async def stalls(root: Path) -> dict[str, Any]:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    if (await http.get("/health")).json().get("warm"):
+                    if (await http.get("/health")).json().get("warm", True):  # older: no field
                         break
                 except httpx.TransportError:
                     pass
