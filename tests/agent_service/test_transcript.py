@@ -130,6 +130,7 @@ async def test_sigterm_mid_stream_sends_an_error_event_and_done(
     stack.llm.script(ToolCall("execute_code", {"code": COUNTING}))
     body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "count"}]}
     events: list[str] = []
+    signalled = False
     async with (
         httpx.AsyncClient(base_url=agent.url, timeout=60) as http,
         http.stream(
@@ -139,8 +140,9 @@ async def test_sigterm_mid_stream_sends_an_error_event_and_done(
         assert response.status_code == 200
         async for data in _sse_lines(response):
             events.append(data)
-            if "line 2" in data and len(events) < 1000:
+            if "line 2\\n" in data and not signalled:  # once: a second SIGTERM forces exit
                 agent.process.send_signal(signal.SIGTERM)
+                signalled = True
     assert events[-1] == "[DONE]", events[-3:]
     error = json.loads(events[-2])["error"]
     assert error["code"] == "service_shutting_down"

@@ -36,6 +36,8 @@ from litellm.exceptions import MidStreamFallbackError  # not exported by `litell
 from .fake_llm import (
     Error,
     FakeLLM,
+    Gate,
+    Hold,
     MidStreamError,
     Stall,
     Text,
@@ -203,6 +205,17 @@ async def test_wait_for_requests_and_stop_during_a_stall() -> None:
     with pytest.raises(litellm.ServiceUnavailableError) as info:  # the fake's 503 "stopped"
         await call
     assert info.value.status_code == 503
+
+
+async def test_hold_answers_once_its_gate_opens(llm: FakeLLM) -> None:
+    gate = Gate()
+    llm.script(Hold(gate, Text("released")))
+    call = asyncio.create_task(complete(llm, stream=False))
+    await llm.wait_for_requests(1)
+    assert not call.done()
+    gate.open()
+    response = await asyncio.wait_for(call, 10)
+    assert response.choices[0].message.content == "released"
 
 
 # -- litellm against the fake: streaming ----------------------------------------------------
