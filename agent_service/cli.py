@@ -20,11 +20,12 @@ def _replay(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in reports], indent=2))  # noqa: T201
     else:
+        # Cells are named by their index in the notebook, as in the --json report.
         for report in reports:
             if report.status == "restarted":
-                print(f"kernel restarted before cell {report.index + 1}: {report.detail}")  # noqa: T201
+                print(f"kernel restarted before cell {report.index}: {report.detail}")  # noqa: T201
                 continue
-            line = f"cell {report.index + 1}: {report.status}"
+            line = f"cell {report.index}: {report.status}"
             print(f"{line} ({report.detail})" if report.detail else line)  # noqa: T201
         matched = sum(r.status == "match" for r in reports)
         print(  # noqa: T201

@@ -8,10 +8,13 @@ changed the kernel's state.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
+import re
 import tempfile
+import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -58,9 +61,86 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
-def _fenced(text: str) -> str:
-    fence = "`" * max(3, max((len(r) for r in text.split("\n") if set(r) == {"`"}), default=0) + 1)
-    return f"{fence}text\n{text.rstrip()}\n{fence}"
+def _fenced(text: str, language: str = "text") -> str:
+    longest = max((len(m) for m in re.findall(r"`{3,}", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text.rstrip()}\n{fence}"
+
+
+# Characters markdown (or Jupyter's MathJax) would read as markup anywhere in a line.
+_INLINE_MARKUP = re.compile(r"([\\`*_\[\]<>#|~$])")
+# ... and at the start of a line (lists, quotes, headings, rules).
+_LINE_START_MARKUP = re.compile(r"^(\s*)([-+=>]|\d+[.)])")
+_CODE_LINE = re.compile(
+    r"^\s*(import\s|from\s+\S+\s+import\s|def\s|class\s|for\s|while\s|if\s|elif\s|"
+    r"else\s*:|try\s*:|except\b|with\s|return\b|print\(|@\w|#)"
+    r"|^\s*[\w.\[\]'\"]+\s*([-+*/]?=|\()"
+    r"|^\s+\S"
+)
+
+
+def _looks_like_code(lines: list[str]) -> bool:
+    if not all(_CODE_LINE.match(line) for line in lines):
+        return False
+    try:
+        ast.parse(textwrap.dedent("\n".join(lines)))
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def _literal_line(line: str) -> str:
+    line = _INLINE_MARKUP.sub(r"\\\1", line)
+    return _LINE_START_MARKUP.sub(lambda m: m.group(1) + "\\" + m.group(2), line)
+
+
+def user_markdown(text: str) -> str:
+    """A user's message as markdown that renders as they wrote it.
+
+    Line breaks are kept, markup characters are escaped (so `**` or `_` stay literal),
+    fenced blocks the user wrote stay fenced, and runs of lines that are Python code are
+    shown as code blocks. The words are not changed.
+    """
+    out: list[str] = []
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if line.lstrip().startswith("```"):  # the user's own fence: verbatim to its end
+            end = next(
+                (j for j in range(index + 1, len(lines)) if lines[j].strip().startswith("```")),
+                len(lines) - 1,
+            )
+            out += lines[index : end + 1]
+            if not lines[end].strip().startswith("```") or end == index:
+                out.append("```")
+            index = end + 1
+            continue
+        if not line.strip():
+            out.append("")
+            index += 1
+            continue
+        end = index
+        while end < len(lines) and lines[end].strip() and not lines[end].lstrip().startswith("```"):
+            end += 1
+        block = lines[index:end]
+        start = 0
+        while start < len(block):
+            # The longest run of code lines from here, else one prose line.
+            stop = next(
+                (k for k in range(len(block), start, -1) if _looks_like_code(block[start:k])),
+                None,
+            )
+            if stop is not None:
+                code = textwrap.dedent("\n".join(block[start:stop]))
+                out += ["", _fenced(code, "python"), ""]
+                start = stop
+            else:
+                last = start + 1 == len(block) or _looks_like_code(block[start + 1 : start + 2])
+                out.append(_literal_line(block[start]) + ("" if last else "<br>"))
+                start += 1
+        index = end
+    return "\n".join(out).strip("\n")
 
 
 def _output(raw: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +245,7 @@ def build_notebook(record: SessionRecord, events: list[Event]) -> NotebookNode:
         elif event.type == "note":
             cells.append(_note_cell(event))
         elif event.type == "user":
-            cells.append(new_markdown_cell(f"**User:**\n\n{data['content']}"))
+            cells.append(new_markdown_cell(f"**User:**\n\n{user_markdown(data['content'])}"))
         elif event.type == "assistant" and data.get("content"):
             note = "\n\n_(the answer was cut off by an error)_" if data.get("partial") else ""
             cells.append(new_markdown_cell(f"**Assistant:**\n\n{data['content']}{note}"))

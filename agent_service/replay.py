@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ _SKIPPED_STATUSES = {"timeout_interrupted", "restarted_state_lost", "kernel_died
 @dataclass
 class CellReport:
     index: int
+    """The cell's position in the notebook (`cells[index]`), as Jupyter tools count it."""
     status: str  # "match", "differs", "skipped", "restarted"
     detail: str = ""
 
@@ -79,7 +81,9 @@ async def replay(
 ) -> list[CellReport]:
     """Execute every code cell of the notebook at `path` and report how each compares."""
     notebook = nbformat.read(path, as_version=4)
-    recorded = [c for c in notebook.cells if c.cell_type == "code"]
+    # Positions of the code cells in the notebook; reports name cells by these.
+    positions = [i for i, c in enumerate(notebook.cells) if c.cell_type == "code"]
+    recorded = [notebook.cells[i] for i in positions]
     # Where the transcript notes a new kernel, the replay kernel is restarted before this cell.
     restart_before: set[int] = set()
     code_seen = 0
@@ -101,26 +105,37 @@ async def replay(
         allow_errors=True,
         resources={"metadata": {"path": str(workdir)}},
     )
+    # IPC, as our kernels run: no TCP ports, and no "running over TCP without encryption".
+    sockets = Path(tempfile.mkdtemp(prefix="ka-replay-"))
+    km: Any = client.create_kernel_manager()
+    km.transport = "ipc"
+    km.ip = str(sockets / "kernel")
     kernel_env = {**os.environ, **(env or {})}
     reports: list[CellReport] = []
-    async with client.async_setup_kernel(env=kernel_env):
-        for index, (cell, original) in enumerate(zip(fresh.cells, recorded, strict=True)):
-            if index in restart_before and index > 0:
-                await _restart(client, timeout)
-                reports.append(CellReport(index, "restarted", "the transcript notes a new kernel"))
-            meta = original.metadata.get("kernel_agent", {})
-            if meta.get("status") in _SKIPPED_STATUSES:
-                reports.append(CellReport(index, "skipped", f"recorded {meta['status']}"))
-                if meta.get("kernel_restarted"):
+    try:
+        async with client.async_setup_kernel(env=kernel_env):
+            for index, (cell, original) in enumerate(zip(fresh.cells, recorded, strict=True)):
+                position = positions[index]
+                if index in restart_before and index > 0:
                     await _restart(client, timeout)
-                continue
-            try:
-                await client.async_execute_cell(cell, index)
-            except (CellTimeoutError, DeadKernelError) as exc:
-                reports.append(CellReport(index, "differs", f"{type(exc).__name__}: {exc}"))
-                continue
-            detail = _difference(expected[index], _signature(cell.outputs))
-            reports.append(CellReport(index, "differs" if detail else "match", detail))
+                    reports.append(
+                        CellReport(position, "restarted", "the transcript notes a new kernel")
+                    )
+                meta = original.metadata.get("kernel_agent", {})
+                if meta.get("status") in _SKIPPED_STATUSES:
+                    reports.append(CellReport(position, "skipped", f"recorded {meta['status']}"))
+                    if meta.get("kernel_restarted"):
+                        await _restart(client, timeout)
+                    continue
+                try:
+                    await client.async_execute_cell(cell, index)
+                except (CellTimeoutError, DeadKernelError) as exc:
+                    reports.append(CellReport(position, "differs", f"{type(exc).__name__}: {exc}"))
+                    continue
+                detail = _difference(expected[index], _signature(cell.outputs))
+                reports.append(CellReport(position, "differs" if detail else "match", detail))
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
     return reports
 
 

@@ -207,6 +207,41 @@ async def test_deterministic_session_replays_clean_and_tampering_is_caught(
     reports = json.loads(result.stdout)
     assert [r["status"] for r in reports] == ["match", "differs", "match", "match"]
     assert "7.5" in reports[1]["detail"]
+    # Both reports name cells by their index in the notebook, and agree.
+    positions = [i for i, c in enumerate(notebook.cells) if c.cell_type == "code"]
+    assert [r["index"] for r in reports] == positions
+    assert "7.5" in "".join(notebook.cells[reports[1]["index"]].outputs[0]["text"])
+    text = await asyncio.to_thread(
+        subprocess.run,
+        [str(KERNEL_AGENT), "replay", str(tampered)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert f"cell {positions[1]}: differs" in text.stdout
+    assert f"cell {positions[0]}: match" in text.stdout
+    for run in (clean, result, text):
+        assert "without encryption" not in run.stderr, run.stderr
+
+
+async def test_user_messages_render_as_written(stack: Stack) -> None:
+    message = (
+        "RUN:\nimport pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})\n"
+        "Then tell me **why** my_var_name costs $5\n- not a list item"
+    )
+    stack.llm.script(Text("Sure."))
+    await stream_turn(stack, "nb-literal", message)
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        response = await http.get("/v1/sessions/nb-literal/notebook")
+    notebook = nbformat.reads(response.text, as_version=4)
+    source = notebook.cells[0].source
+    assert source.startswith("**User:**")
+    # The code lines are a code block, verbatim.
+    assert "```python\nimport pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})\n```" in source
+    # Prose keeps its line break and its characters, with markup escaped, not interpreted.
+    assert "Then tell me \\*\\*why\\*\\* my\\_var\\_name costs \\$5<br>" in source
+    assert "\n\\- not a list item" in source
+    assert "RUN:" in source
 
 
 async def test_attach_to_the_session_kernel_from_its_connection_file(stack: Stack) -> None:
