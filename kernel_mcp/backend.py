@@ -50,6 +50,8 @@ class KernelInfo:
     connection_file: str | None
     language_info: dict[str, Any] = field(default_factory=dict)
     generation: int = 0
+    kernel_name: str | None = None
+    """The name JupyterLab lists the kernel under (its ids there are its own)."""
 
     @property
     def console_command(self) -> str | None:
@@ -100,8 +102,8 @@ class KernelConnection(abc.ABC):
     @abc.abstractmethod
     def info(self) -> KernelInfo: ...
 
-    def assign(self) -> None:
-        """A session claimed this (pooled) kernel: list it among the session kernels."""
+    def assign(self, session_id: str) -> None:
+        """`session_id` owns this kernel now: list it, named after the session, for attaching."""
         return None
 
     @abc.abstractmethod

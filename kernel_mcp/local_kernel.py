@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
 import signal
 import stat
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from queue import Empty
@@ -240,13 +242,22 @@ class LocalKernel(KernelConnection):
             connection_file=self._km.connection_file,
             language_info=self._language_info,
             generation=self.generation,
+            kernel_name=self._km.kernel_name,
         )
 
-    def assign(self) -> None:
+    def assign(self, session_id: str) -> None:
+        # JupyterLab lists external kernels with ids of its own and the connection file's
+        # kernel_name: that name is how a person finds the session's kernel there.
         current = Path(self._km.connection_file)
         target = self._settings.connection_dir / current.name
+        info = json.loads(current.read_text())
+        info["kernel_name"] = self._km.kernel_name = f"kernel-agent-{session_id}"
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".kernel-", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:  # mkstemp: mode 0600, as the key needs
+            json.dump(info, handle, indent=1)
+        os.replace(tmp, target)
         if current != target:
-            os.replace(current, target)
+            current.unlink(missing_ok=True)
             self._km.connection_file = str(target)
 
     def memory_rss(self) -> int | None:

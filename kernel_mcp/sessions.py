@@ -314,8 +314,16 @@ class SessionManager:
         rows: list[dict[str, Any]] = json.loads(text.strip().splitlines()[-1])
         return rows
 
+    def running_kernel_info(self, session_id: str) -> KernelInfo | None:
+        """The session's kernel, if it has one: a pure read that starts nothing."""
+        session = self._sessions.get(session_id)
+        kernel = session.kernel if session is not None else None
+        if kernel is None or kernel.closed:
+            return None
+        return kernel.connection.info()
+
     async def kernel_info(self, session_id: str) -> KernelInfo:
-        """Kernel id, pid, connection file and language of the session's kernel."""
+        """Kernel id, pid, connection file and language of the session's kernel (started)."""
         async with self._locked(session_id) as session:
             kernel = await self._kernel_for(session)
         return kernel.connection.info()
@@ -361,13 +369,14 @@ class SessionManager:
                 try:
                     folder = self._backend.claim_folder(connection, session.folder)
                     await self._move_to(kernel, folder)
-                    connection.assign()
+                    connection.assign(session.id)
                 except BaseException:
                     await asyncio.shield(self._shut(kernel))  # never leak a claimed kernel
                     raise
             else:
                 connection = await self._backend.start_kernel(session.folder)
                 kernel = self._supervise(connection, session.folder)
+                connection.assign(session.id)
         finally:
             self._starting -= 1
         connection.on_orphan = lambda msg: self._on_background(session, msg)

@@ -304,7 +304,8 @@ async def test_jupyter_server_lists_session_kernels(stack: Stack, tmp_path: Path
                 break
         assert kernels is not None, "jupyter server did not start"
         assert len(kernels) == 1, "the session kernel, and not the pool's"
-        assert kernels[0]["name"] == "python3"
+        # Listed under a name that says the session (JupyterLab's ids are its own).
+        assert kernels[0]["name"] == "kernel-agent-nb-lab"
     finally:
         server.terminate()
         server.wait(timeout=30)
