@@ -66,7 +66,9 @@ async def test_kernel_mcp_restart_is_noted_and_the_notebook_replays(stack: Stack
         timeout=120,
     )
     assert replay.returncode == 0, replay.stdout + replay.stderr
-    assert "kernel restarted before cell 2" in replay.stdout
+    # Cells are named by their index in the notebook: the second code cell's.
+    second_code = [i for i, c in enumerate(notebook.cells) if c.cell_type == "code"][1]
+    assert f"kernel restarted before cell {second_code}" in replay.stdout
     assert "2 matched, 0 differ" in replay.stdout
 
 
