@@ -30,7 +30,7 @@ from typing import Any
 from kernel_schema import incarnation_of
 
 from .execution import ExecutionResult
-from .outputs import Output, is_image, truncation_marker
+from .outputs import Output, truncation_marker
 from .rendering import Image, all_outputs, bound_image, image_of, render
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,12 @@ class BuiltResult:
     text: str
     images: list[Image]
     structured: dict[str, Any]
+
+
+def is_image(output: Output) -> bool:
+    """A rich output carrying a raster image (PNG, JPEG, GIF, WebP)."""
+    data: dict[str, Any] = output.get("data") or {}
+    return any(k.startswith("image/") and k != "image/svg+xml" for k in data)
 
 
 def _json_len(value: Any) -> int:
@@ -358,6 +364,7 @@ def _structured(result: ExecutionResult, identity: Identity) -> dict[str, Any]:
         "error": error,
         "truncated": result.truncated,
         "truncated_bytes": result.truncated_bytes,
+        "output_file": result.output_file,
         "kernel_restarted": result.kernel_restarted,
         "state_lost": result.state_lost,
         "message": result.message,

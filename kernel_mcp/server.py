@@ -225,7 +225,8 @@ def create_server(settings: Settings | None = None) -> FastMCP:
         except SessionNotFound:
             kernel = None
         if kernel is not None:
-            ident.kernel_id, ident.generation = kernel.kernel_id, kernel.generation
+            ident.kernel_id = kernel.connection.kernel_id
+            ident.generation = kernel.connection.generation
         return ident
 
     def files_for(route: Route) -> SessionFiles:

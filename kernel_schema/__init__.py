@@ -108,6 +108,10 @@ class ExecuteResult(BaseModel):
     )
     truncated: bool = Field(default=False, description="Output was dropped to fit the caps.")
     truncated_bytes: int = Field(default=0, description="How many output bytes were dropped.")
+    output_file: str | None = Field(
+        default=None,
+        description="Where the full text of cut output is kept, relative to the session folder.",
+    )
     kernel_restarted: bool = Field(default=False, description="The kernel process was replaced.")
     state_lost: bool = Field(
         default=False,

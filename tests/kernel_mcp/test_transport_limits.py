@@ -107,7 +107,7 @@ async def test_many_large_images_and_text_fit_one_event(serve_http: Callable[...
         "for n in range(6):\n"
         "    print('x' * 200_000)\n"
         "    buf = io.BytesIO()\n"
-        "    pixels = rng.integers(0, 255, (400, 400, 3), dtype=np.uint8)\n"
+        "    pixels = rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)\n"
         "    Image.fromarray(pixels).save(buf, 'PNG')\n"
         "    display(Image.open(io.BytesIO(buf.getvalue())))\n"
         "raise ValueError('end ' + '\"' * 50_000)"
