@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 __all__ = [
     "DisplayDataOutput",
@@ -27,6 +27,7 @@ __all__ = [
     "Output",
     "StreamOutput",
     "incarnation_of",
+    "typed_outputs",
 ]
 
 ExecutionStatus = Literal[
@@ -83,6 +84,13 @@ Output = Annotated[
 ]
 """One nbformat v4 output, as a notebook stores it."""
 
+_OUTPUTS: TypeAdapter[list[Output]] = TypeAdapter(list[Output])
+
+
+def typed_outputs(outputs: list[dict[str, Any]]) -> list[Output]:
+    """`ExecuteResult.outputs` as typed models (the result keeps them as plain dicts)."""
+    return _OUTPUTS.validate_python(outputs)
+
 
 class ErrorInfo(BaseModel):
     """The exception the user's code raised (its traceback is in `outputs`)."""
@@ -98,9 +106,9 @@ class ExecuteResult(BaseModel):
 
     status: ExecutionStatus
     execution_count: int | None = Field(description="The cell's In[n]; null if it did not run.")
-    outputs: list[Output] = Field(
-        description="The cell's outputs in nbformat v4 form (images full size as far as the "
-        "result's byte budget allows)."
+    outputs: list[dict[str, Any]] = Field(
+        description="The cell's outputs as nbformat v4 output dicts (images full size as far "
+        "as the result's byte budget allows); `typed_outputs` gives them as models."
     )
     elapsed: float = Field(description="Seconds from request to result.")
     error: ErrorInfo | None = Field(
@@ -122,7 +130,7 @@ class ExecuteResult(BaseModel):
         description="One sentence on anything beyond the code's own outputs (timeout, "
         "restart, lost state), written for the model.",
     )
-    background_outputs: list[Output] = Field(
+    background_outputs: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Output printed between calls by code still running (threads).",
     )

@@ -18,7 +18,7 @@ from fastmcp import Client
 from fastmcp.client.transports import StreamableHttpTransport
 from fastmcp.exceptions import ToolError
 
-from kernel_schema import ExecuteResult, KernelInfoResult
+from kernel_schema import ExecuteResult, KernelInfoResult, typed_outputs
 
 from .mcp_clients import gone, sdk_client
 
@@ -50,7 +50,7 @@ async def test_sdk_default_mode_keeps_state_through_a_handle(
         assert not first.session_created
     async with sdk_client(base) as client:  # a new connection, the same session
         again = await execute(client, "print(kept + 1)", session=handle)
-        assert again.outputs[0].text == "42\n"
+        assert again.outputs[0]["text"] == "42\n"
         assert again.incarnation == first.incarnation
 
 
@@ -66,10 +66,10 @@ async def test_a_call_without_a_handle_runs_and_names_its_handle(
         assert typed.session is not None
         assert f'session="{typed.session}"' in text(result)
         later = await execute(client, "value", session=typed.session)
-        assert later.outputs[0].data["text/plain"] == "'mine'"
+        assert later.outputs[0]["data"]["text/plain"] == "'mine'"
         other = await execute(client, "'value' in globals()")
         assert other.session != typed.session
-        assert other.outputs[0].data["text/plain"] == "False"
+        assert other.outputs[0]["data"]["text/plain"] == "False"
 
 
 async def test_guessed_handles_reach_nothing(serve_http: Callable[..., Any]) -> None:
@@ -114,7 +114,7 @@ async def test_legacy_mode_keys_on_the_mcp_session_and_refuses_handles(
         assert client.protocol_version == "2025-11-25"
         assert client.server_info.version == version("kernel-agent")
         await execute(client, "x = 3")
-        assert (await execute(client, "x * 2")).outputs[0].data["text/plain"] == "6"
+        assert (await execute(client, "x * 2")).outputs[0]["data"]["text/plain"] == "6"
         refused = await client.call_tool("execute_code", {"code": "1", "session": handle})
         assert refused.is_error
         assert "MCP session" in text(refused)
@@ -141,14 +141,14 @@ async def test_output_schema_is_listed_and_real_results_follow_it(
         assert failed.status == "error"
         assert failed.error is not None
         assert failed.error.ename == "ZeroDivisionError"
-        assert failed.outputs[-1].output_type == "error"
+        assert typed_outputs(failed.outputs)[-1].output_type == "error"
         slow = await execute(client, "import time; time.sleep(30)", timeout=1)
         assert slow.status == "timeout_interrupted"
         assert slow.message
         plot = await execute(
             client, "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2]); plt.show()"
         )
-        assert "image/png" in plot.outputs[0].data
+        assert "image/png" in plot.outputs[0]["data"]
         info = await client.call_tool("kernel_info", {})
         typed = KernelInfoResult.model_validate(info.structured_content)
         assert typed.incarnation == plot.incarnation
@@ -178,7 +178,7 @@ async def test_incarnation_changes_whenever_the_kernel_is_replaced(
     other = await serve_http()  # another kernel_mcp process, the same workspace and session
     async with sdk_client(other, headers=headers) as client:
         elsewhere = await execute(client, "'d' in globals()")
-    assert elsewhere.outputs[0].data["text/plain"] == "False"
+    assert elsewhere.outputs[0]["data"]["text/plain"] == "False"
     seen = {first.incarnation, restarted.incarnation, died.incarnation, fresh.incarnation}
     assert elsewhere.incarnation not in seen
 
