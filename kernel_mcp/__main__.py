@@ -32,6 +32,9 @@ async def serve_http(settings: Settings) -> None:
         host_origin_protection=True,
         allowed_hosts=settings.allowed_hosts or None,
         allowed_origins=settings.allowed_origins or None,
+        # An MCP session (protocol 2025-11-25) that sees no request for this long ends, and
+        # its kernel with it: the same idle limit as every other session's kernel.
+        session_idle_timeout=settings.idle_timeout,
     )
     config = uvicorn.Config(
         app,
