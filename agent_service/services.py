@@ -68,6 +68,7 @@ class Services:
         grace = self.draining() if self.turns.running else 0.0
         await self.turns.close(grace)
         await self.exporter.flush()
+        await self.kernels.aclose()  # the kept MCP connections
         if self._warm_task is not None and not self._warm_task.done():
             self._warm_task.cancel()
         self.store.close()

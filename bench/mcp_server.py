@@ -1,18 +1,24 @@
 """Benchmark the kernel_mcp MCP server over streamable HTTP against its two floors, in one run.
 
-Measures, in alternating chunks so machine noise hits all three alike:
+Measures, in alternating chunks so machine noise hits all sides alike:
 
 1. kernel floor: `x + 1` on a kernel driven by jupyter_client alone (`RawKernel` of
    `kernel_layer.py`: same kernel command, environment and IPC transport as the server);
 2. echo floor: `call_tool("echo", ...)` on a trivial fastmcp server, i.e. what MCP over
    streamable HTTP costs with no work behind it (fastmcp client, uvicorn, starlette,
-   the MCP session layer, JSON-RPC and SSE framing);
-3. ours: `call_tool("execute_code", {"code": "x + 1"})` on kernel_mcp as `make run`
-   serves it (`python -m kernel_mcp`), one session named by `X-Session-Id`.
+   the MCP request layer, JSON-RPC and SSE framing). The same server has a tool
+   `exec_raw` that runs the code on a raw jupyter_client kernel (`RawKernel`): the two
+   floors composed in one request, with no kernel_mcp code (reported, not the target);
+3. ours through a handle: `call_tool("execute_code", {"code": "x + 1", "session": h})`
+   on kernel_mcp as `make run` serves it (`python -m kernel_mcp`), `h` from `new_session`;
+4. ours through the header: the same call without `session`, on a connection sending
+   `X-Session-Id` (agent_service's way).
 
-Both servers run in their own process (the client and the raw kernel in this one), as
-in production, where the MCP client is another program. The target is
-`mcp_execute_p50 <= 1.15 * (kernel_p50 + echo_p50)`.
+All clients are fastmcp `Client`s in their default mode (protocol 2026-07-28, which the
+official SDK and fastmcp negotiate today). Both servers run in their own process (the
+client and the raw kernel in this one), as in production, where the MCP client is
+another program. The target is `mcp_execute_p50 <= 1.15 * (kernel_p50 + echo_p50)` for
+the handle.
 
 Run: ``.venv/bin/python bench/mcp_server.py``. Prints one JSON line on stdout; progress
 goes to stderr. Takes about 10 s, uses a temporary `/tmp/ka-*` folder and stops both
@@ -71,17 +77,52 @@ REPO = Path(__file__).resolve().parent.parent
 # the same Config. `async def`: fastmcp runs a sync tool in a worker thread.
 ECHO_SERVER = """
 import asyncio
+import contextlib
+import json
 import sys
+from pathlib import Path
 
 import uvicorn
 from fastmcp import FastMCP
 
-mcp = FastMCP("echo")
+config = json.loads(sys.argv[2])
+sys.path.insert(0, config["bench"])
+from kernel_layer import RawKernel, kernel_spec_of  # noqa: E402
+
+from kernel_mcp.config import Settings  # noqa: E402
+from kernel_mcp.local_kernel import LocalBackend  # noqa: E402
+
+settings = Settings(workspace=config["workspace"], runtime_dir=config["runtime_dir"])
+raw = RawKernel(
+    kernel_spec_of(settings),
+    LocalBackend(settings).kernel_env(),
+    Path(config["raw_runtime"]),
+    Path(config["raw_cwd"]),
+)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(server):
+    await raw.start()
+    await raw.execute("x = 1")
+    try:
+        yield {}
+    finally:
+        await raw.shutdown()
+
+
+mcp = FastMCP("echo", lifespan=lifespan)
 
 
 @mcp.tool
 async def echo(text: str) -> str:
     return text
+
+
+@mcp.tool
+async def exec_raw(code: str) -> str:
+    await raw.execute(code)
+    return "ok"
 
 
 config = uvicorn.Config(
@@ -219,9 +260,19 @@ async def echo_call(client: Client) -> float:
     return elapsed
 
 
-async def mcp_call(client: Client) -> float:
+async def raw_tool_call(client: Client) -> float:
     started = time.perf_counter()
-    result = await client.call_tool("execute_code", {"code": CODE})
+    result = await client.call_tool("exec_raw", {"code": CODE})
+    elapsed = time.perf_counter() - started
+    if result.data != "ok":
+        raise RuntimeError(f"exec_raw returned {result.data!r}")
+    return elapsed
+
+
+async def mcp_call(client: Client, handle: str | None = None) -> float:
+    arguments = {"code": CODE} if handle is None else {"code": CODE, "session": handle}
+    started = time.perf_counter()
+    result = await client.call_tool("execute_code", arguments)
     elapsed = time.perf_counter() - started
     status = (result.structured_content or {}).get("status")
     if status != "ok":
@@ -269,6 +320,18 @@ async def run(root: Path) -> dict[str, Any]:
         await http.get(echo_url)  # any HTTP answer means uvicorn serves the app
         return True
 
+    (root / "rt-echo").mkdir(mode=0o700)
+    (root / "echo-cwd").mkdir()
+    echo_config = json.dumps(
+        {
+            "bench": str(Path(__file__).resolve().parent),
+            "workspace": str(root / "ws-echo"),
+            "runtime_dir": str(root / "rt-echo-settings"),
+            "raw_runtime": str(root / "rt-echo"),
+            "raw_cwd": str(root / "echo-cwd"),
+        }
+    )
+
     async def pool_full(http: httpx.AsyncClient) -> bool:
         stats = (await http.get(f"{mcp_base}/health")).json()
         return bool(stats["pool_ready"] >= stats["pool_size"])
@@ -276,7 +339,11 @@ async def run(root: Path) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(
             server_process(
-                "echo", ["-c", ECHO_SERVER, str(echo_port)], base_env, root / "echo.log", echo_up
+                "echo",
+                ["-c", ECHO_SERVER, str(echo_port), echo_config],
+                base_env,
+                root / "echo.log",
+                echo_up,
             )
         )
         await stack.enter_async_context(
@@ -289,18 +356,17 @@ async def run(root: Path) -> dict[str, Any]:
         await raw.start()
         await raw.execute("x = 1")
 
-        echo = await stack.enter_async_context(
-            Client(StreamableHttpTransport(echo_url), mode="legacy")
+        echo = await stack.enter_async_context(Client(StreamableHttpTransport(echo_url)))
+        ours = await stack.enter_async_context(Client(StreamableHttpTransport(f"{mcp_base}/mcp")))
+        header = await stack.enter_async_context(
+            Client(StreamableHttpTransport(f"{mcp_base}/mcp", headers={"X-Session-Id": "bench"}))
         )
-        ours = await stack.enter_async_context(
-            Client(
-                StreamableHttpTransport(f"{mcp_base}/mcp", headers={"X-Session-Id": "bench"}),
-                mode="legacy",
-            )
-        )
-        result = await ours.call_tool("execute_code", {"code": "x = 1"})  # claims the pool kernel
-        if (result.structured_content or {}).get("status") != "ok":
-            raise RuntimeError(f"could not define x: {result.content}")
+        handle = (await ours.call_tool("new_session", {})).structured_content["session"]
+        for client, arguments in ((ours, {"session": handle}), (header, {})):
+            # The first claims the pooled kernel, the second starts one.
+            result = await client.call_tool("execute_code", {"code": "x = 1", **arguments})
+            if (result.structured_content or {}).get("status") != "ok":
+                raise RuntimeError(f"could not define x: {result.content}")
         # The pool refills in the background; let that kernel start before timing.
         async with httpx.AsyncClient(timeout=2.0) as http:
             deadline = time.monotonic() + START_TIMEOUT
@@ -313,7 +379,9 @@ async def run(root: Path) -> dict[str, Any]:
             {
                 "kernel": lambda: kernel_call(raw),
                 "echo": lambda: echo_call(echo),
-                "mcp_execute": lambda: mcp_call(ours),
+                "raw_tool": lambda: raw_tool_call(echo),
+                "mcp_execute": lambda: mcp_call(ours, handle),
+                "mcp_header": lambda: mcp_call(header),
             }
         )
 
@@ -322,11 +390,13 @@ async def run(root: Path) -> dict[str, Any]:
     floor = p50["kernel"] + p50["echo"]
     ratio = p50["mcp_execute"] / floor
     logger.info(
-        "p50: kernel %.2f ms, echo %.2f ms, mcp execute %.2f ms; ratio %.3f",
+        "p50: kernel %.2f ms, echo %.2f ms, execute via handle %.2f ms (ratio %.3f), "
+        "via header %.2f ms",
         p50["kernel"] * 1000,
         p50["echo"] * 1000,
         p50["mcp_execute"] * 1000,
         ratio,
+        p50["mcp_header"] * 1000,
     )
     return {
         "kernel_p50_ms": _ms(p50["kernel"]),
@@ -335,6 +405,11 @@ async def run(root: Path) -> dict[str, Any]:
         "kernel_p99_ms": _ms(p99["kernel"]),
         "echo_p99_ms": _ms(p99["echo"]),
         "mcp_execute_p99_ms": _ms(p99["mcp_execute"]),
+        "mcp_header_p50_ms": _ms(p50["mcp_header"]),
+        "raw_tool_p50_ms": _ms(p50["raw_tool"]),
+        "ratio_vs_raw_tool": round(p50["mcp_execute"] / p50["raw_tool"], 3),
+        "mcp_header_p99_ms": _ms(p99["mcp_header"]),
+        "protocol": "2026-07-28",
         "floor_p50_ms": _ms(floor),
         "overhead_p50_ms": _ms(p50["mcp_execute"] - floor),
         "ratio": round(ratio, 3),

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 import psutil
@@ -272,13 +271,23 @@ class LocalKernel(KernelConnection):
     # -- internals ------------------------------------------------------------
 
     async def _read(self, channel: Any, *, iopub: bool) -> None:
+        session = channel.session
+        # A bounded wait: each timeout re-arms the receive, which re-checks the socket for
+        # real (zmq.EVENTS), so a wake-up lost on ZeroMQ's edge-triggered descriptor costs at
+        # most this. pyzmq's own receive timeout, never a cancellation: a cancelled receive
+        # can drop a message it already took off the socket. One receive per message, not
+        # the poll and receive of `get_msg(timeout)`: less of this reader's CPU under load.
+        if channel.socket is None:  # channels already stopped
+            return
+        channel.socket.rcvtimeo = int(_READ_RECHECK * 1000)
         while True:
             try:
-                # A bounded wait: each timeout re-checks the socket for real (zmq.EVENTS),
-                # so a wake-up lost on ZeroMQ's edge-triggered descriptor costs at most this.
-                msg = await channel.get_msg(timeout=_READ_RECHECK)
-            except Empty:
-                continue
+                try:
+                    raw = await channel.socket.recv_multipart()
+                except zmq.Again:
+                    continue
+                _, parts = session.feed_identities(raw)
+                msg = session.deserialize(parts)
             except asyncio.CancelledError:
                 raise
             except Exception:

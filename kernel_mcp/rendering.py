@@ -1,8 +1,9 @@
 """Present an ExecutionResult to a model: bounded text plus images.
 
 The model gets plain text (ANSI codes stripped, head and tail kept around a
-truncation marker) and one image per image output, downscaled when too large;
-a base64 string is never cut.
+truncation marker) with a placeholder where each image stands; which images the
+model sees, and how small, the result budget decides (`results`). Downscaling is
+CPU work of ~50-200 ms per large image: callers run it in a thread.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import base64
 import io
 import logging
 import re
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from .execution import ExecutionResult
@@ -20,7 +22,8 @@ from .outputs import Output
 logger = logging.getLogger(__name__)
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
-_IMAGE_TYPES = ("image/png", "image/jpeg")
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+_MODEL_IMAGE_TYPES = ("image/png", "image/jpeg")
 
 
 def strip_ansi(text: str) -> str:
@@ -42,13 +45,17 @@ class Image:
     mime_type: str
 
 
-@dataclass
-class Rendered:
-    text: str
-    images: list[Image] = field(default_factory=list)
+def image_of(output: Output) -> Image | None:
+    """The raster image an output carries (its first image MIME type), if any."""
+    data: dict[str, Any] = output.get("data") or {}
+    for mime in _IMAGE_TYPES:
+        value = data.get(mime)
+        if isinstance(value, str):
+            return Image(data=value, mime_type=mime)
+    return None
 
 
-def _output_text(output: Output, images: list[Image], image_max_bytes: int) -> str:
+def _output_text(output: Output, shown: Collection[int]) -> str:
     kind = output["output_type"]
     if kind == "stream":
         return str(output["text"])
@@ -56,18 +63,17 @@ def _output_text(output: Output, images: list[Image], image_max_bytes: int) -> s
         return "\n".join(output["traceback"]) or f"{output['ename']}: {output['evalue']}"
     data: dict[str, Any] = output.get("data", {})
     parts: list[str] = []
-    for mime in _IMAGE_TYPES:
-        if mime in data:
-            image = bound_image(data[mime], mime, image_max_bytes)
-            if image is None:
-                parts.append(f"[{mime} output too large to show; save it to a file instead]")
-            else:
-                images.append(image)
-                parts.append(f"[{mime} image shown below]")
-            break
-    else:
-        if "image/svg+xml" in data:
-            parts.append("[SVG image output; not shown to the model]")
+    image = image_of(output)
+    if image is not None:
+        if id(output) in shown:
+            parts.append(f"[{image.mime_type} image shown below]")
+        else:
+            parts.append(
+                f"[{image.mime_type} image not shown to you: too many or too large images "
+                "in one result; the user sees it]"
+            )
+    elif "image/svg+xml" in data:
+        parts.append("[SVG image output; not shown to the model]")
     if "text/plain" in data:
         parts.append(str(data["text/plain"]))
     elif "text/markdown" in data:
@@ -82,8 +88,11 @@ def _output_text(output: Output, images: list[Image], image_max_bytes: int) -> s
 
 
 def bound_image(b64: str, mime: str, max_bytes: int) -> Image | None:
-    """The image, downscaled if its base64 exceeds `max_bytes`; None if it cannot be."""
-    if len(b64) <= max_bytes:
+    """The image, downscaled if its base64 exceeds `max_bytes`; None if it cannot be.
+
+    CPU-bound (PIL): call it in a thread.
+    """
+    if len(b64) <= max_bytes and mime in _MODEL_IMAGE_TYPES:
         return Image(data=b64, mime_type=mime)
     try:
         from PIL import Image as PILImage
@@ -91,7 +100,7 @@ def bound_image(b64: str, mime: str, max_bytes: int) -> Image | None:
         with PILImage.open(io.BytesIO(base64.b64decode(b64))) as img:
             img.load()
             picture = img.convert("RGB")
-        for side in (2048, 1536, 1024, 768, 512):
+        for side in (2048, 1536, 1024, 768, 512, 384, 256):
             copy = picture.copy()
             copy.thumbnail((side, side))
             buffer = io.BytesIO()
@@ -104,18 +113,21 @@ def bound_image(b64: str, mime: str, max_bytes: int) -> Image | None:
     return None
 
 
-def render(result: ExecutionResult, *, text_limit: int, image_max_bytes: int) -> Rendered:
-    """The model's view of `result`."""
-    images: list[Image] = []
+def all_outputs(result: ExecutionResult) -> Iterator[Output]:
+    """Background outputs, then the cell's own: the order the model reads them."""
+    yield from result.background_outputs
+    yield from result.outputs
+
+
+def render(result: ExecutionResult, *, text_limit: int, shown: Collection[int] = ()) -> str:
+    """The model's text view of `result`; `shown` holds id() of the image outputs it sees."""
     sections: list[str] = []
     if result.background_outputs:
-        background = "".join(
-            _output_text(o, images, image_max_bytes) for o in result.background_outputs
-        )
+        background = "".join(_output_text(o, shown) for o in result.background_outputs)
         sections.append(f"[output from background code since the last call]\n{background}")
-    body = "".join(_output_text(o, images, image_max_bytes) for o in result.outputs)
+    body = "".join(_output_text(o, shown) for o in result.outputs)
     sections.append(body if body.strip() else "[no output]")
     if result.message:
         sections.append(f"[{result.status}] {result.message}")
     text = strip_ansi("\n".join(s.rstrip("\n") for s in sections))
-    return Rendered(text=bound_text(text, text_limit), images=images)
+    return bound_text(text, text_limit)

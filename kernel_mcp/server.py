@@ -1,7 +1,10 @@
 """The MCP server: a thin adapter from MCP tools to the kernel layer.
 
-Tools never take a session argument. The session is the caller's `X-Session-Id`
-header, else the MCP session id, so a model cannot reach another session's kernel.
+Each call's session comes from `routing` (X-Session-Id header, MCP session, stdio,
+or a `session` handle argument); each `execute_code` result is built within one
+byte budget by `results` and follows the `kernel_schema.ExecuteResult` schema.
+A Python exception in the user's code is a successful result whose status is
+`error`; only faults of ours (and refused arguments) are tool errors (`isError`).
 """
 
 # No `from __future__ import annotations`: tool signatures use values from create_server.
@@ -9,61 +12,48 @@ header, else the MCP session id, so a model cannot reach another session's kerne
 import asyncio
 import contextlib
 import contextvars
-import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from importlib.metadata import version
 from typing import Annotated, Any
 
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
-from fastmcp.server.dependencies import get_http_headers
 from fastmcp.tools import ToolResult
 from mcp_types import ImageContent, TextContent
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from kernel_schema import ExecuteResult, KernelInfoResult, NewSessionResult, incarnation_of
+
 from . import sandbox
 from .backend import Message
 from .config import Settings
-from .errors import CapacityError, FileAccessError, InvalidSessionId, KernelError
+from .errors import CapacityError, FileAccessError, KernelError, SessionNotFound
 from .files import SessionFiles
-from .outputs import shrink
 from .prompt import system_prompt
-from .rendering import render, strip_ansi
-from .sessions import SessionManager, validate_session_id
+from .rendering import strip_ansi
+from .results import Budget, Identity, build_result
+from .routing import HandleRegistry, Route, SessionRouter
+from .sessions import SessionManager
 from .skills import SkillsLibrary
 
 logger = logging.getLogger(__name__)
 
 __version__ = version("kernel-agent")
 
-STDIO_SESSION = "stdio"
 _LIVE_CHUNK = 8192
 
-
-def session_key(ctx: Context) -> str:
-    """The caller's session: X-Session-Id, else a stable MCP session id."""
-    header = get_http_headers().get("x-session-id")
-    if header:
-        try:
-            return validate_session_id(header.strip())
-        except InvalidSessionId as exc:
-            raise ToolError(f"invalid X-Session-Id header: {exc}") from None
-    if ctx.transport == "stdio":
-        return STDIO_SESSION  # one stdio server process serves exactly one client
-    request_context = ctx.request_context
-    if request_context is not None and request_context.protocol_version in MODERN_PROTOCOL_VERSIONS:
-        raise ToolError(
-            "This server keeps one kernel per session, and this connection's MCP protocol "
-            "version has no sessions. Send an X-Session-Id header (any stable id of yours) "
-            "with every request, or connect with protocol version 2025-11-25."
-        )
-    digest = hashlib.sha256(ctx.session_id.encode()).hexdigest()[:32]
-    return f"mcp-{digest}"
+SessionArg = Annotated[
+    str | None,
+    Field(
+        description="Session handle from new_session (or named by an earlier result). Leave "
+        "it out when your connection has its own session (X-Session-Id header, MCP session); "
+        "without any, a new session is started and its handle returned."
+    ),
+]
 
 
 class _LiveOutput:
@@ -125,37 +115,19 @@ class _LiveOutput:
             self._task.cancel()
 
 
-def _approx_size(outputs: list[dict[str, Any]]) -> int:
-    """Characters in the outputs' payloads (JSON escaping may add to it)."""
-    size = 0
-    for output in outputs:
-        size += len(output.get("text", "")) + 64
-        size += sum(len(str(v)) for v in output.get("data", {}).values())
-        size += sum(len(line) for line in output.get("traceback", []))
-    return size
-
-
-def _fit_structured(structured: dict[str, Any], budget: int) -> None:
-    """Shrink the outputs in place until the serialized result fits `budget` bytes."""
-    for _ in range(4):
-        size = len(json.dumps(structured))
-        if size <= budget:
-            return
-        keys = ("outputs", "background_outputs")
-        payload = sum(len(json.dumps(structured[k])) for k in keys)
-        cap = max(1024, int(payload * max(budget - (size - payload), 0) / size * 0.9))
-        for key in keys:
-            outputs, dropped = shrink(structured[key], cap if key == "outputs" else cap // 8)
-            structured[key] = outputs
-            structured["truncated_bytes"] += dropped
-            structured["truncated"] = structured["truncated"] or dropped > 0
-    logger.warning("a result still exceeds %d bytes after shrinking", budget)
-
-
 def _tool_error(exc: Exception) -> ToolError:
     if isinstance(exc, CapacityError):
         return ToolError(f"No kernel available: {exc}.")
     return ToolError(str(exc))
+
+
+def _hint(route: Route) -> str:
+    if not route.created:
+        return ""
+    return (
+        f'\n[new session {route.handle}: pass session="{route.handle}" to later calls to '
+        "keep these variables and files]"
+    )
 
 
 def create_server(settings: Settings | None = None) -> FastMCP:
@@ -163,13 +135,44 @@ def create_server(settings: Settings | None = None) -> FastMCP:
     settings = settings or Settings()
     manager = SessionManager(settings)
     skills = SkillsLibrary(settings.skills_dir)
+    handles = HandleRegistry(settings.idle_timeout)
+    closing: set[asyncio.Task[Any]] = set()
+    budget = Budget(
+        result_bytes=settings.result_max_bytes,
+        model_text_chars=settings.model_text_chars,
+        image_bytes=settings.image_max_bytes,
+    )
+
+    def end_session(key: str) -> None:
+        """Shut a session's kernel down in the background (its MCP session or handle ended)."""
+        task = asyncio.create_task(manager.close_session(key), name=f"close-{key[:12]}")
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    async def on_mcp_session_end(key: str) -> None:
+        end_session(key)
+
+    router = SessionRouter(handles, on_mcp_session_end)
+
+    async def sweep_handles() -> None:
+        interval = min(settings.cull_interval, settings.idle_timeout / 2)
+        while True:
+            await asyncio.sleep(interval)
+            for handle in handles.expired():
+                logger.info("session %s: handle idle past the timeout; closing", handle[:8])
+                end_session(handle)
 
     @contextlib.asynccontextmanager
     async def lifespan(server: FastMCP) -> AsyncIterator[dict[str, Any]]:
         await manager.start()
+        sweeper = asyncio.create_task(sweep_handles(), name="handle-sweeper")
         try:
             yield {"manager": manager}
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await asyncio.gather(*closing, return_exceptions=True)
             await manager.close()
 
     auth = None
@@ -182,21 +185,77 @@ def create_server(settings: Settings | None = None) -> FastMCP:
 
     mcp = FastMCP(
         "kernel-agent",
+        version=__version__,
         instructions=(
             "Python in a persistent Jupyter kernel of your own. Variables persist across "
             "execute_code calls; files live in your session folder. Read a skill before "
-            "relying on it."
+            "relying on it. Without an X-Session-Id header or MCP session, call new_session "
+            "once and pass its handle as `session` to every call."
         ),
         lifespan=lifespan,
         auth=auth,
         providers=[skills],
     )
 
-    def files_for(ctx: Context) -> SessionFiles:
-        session = manager.session(session_key(ctx))
+    def route_of(ctx: Context, session: str | None, *, create: bool = True) -> Route:
+        route = router.resolve(ctx, session, create=create)
+        assert route is not None
+        return route
+
+    @contextlib.contextmanager
+    def calling(route: Route) -> Iterator[None]:
+        """Keep a handle alive while its call runs; a failed first call frees its session."""
+        if route.handle is None:
+            yield
+            return
+        with handles.using(route.handle):
+            try:
+                yield
+            except BaseException:
+                if route.created:
+                    handles.forget(route.handle)
+                    end_session(route.key)
+                raise
+
+    def identity(route: Route) -> Identity:
+        """The session's handle and current kernel incarnation (read without awaiting)."""
+        ident = Identity(handle=route.handle, created=route.created)
+        try:
+            kernel = manager.existing(route.key).kernel
+        except SessionNotFound:
+            kernel = None
+        if kernel is not None:
+            ident.kernel_id = kernel.connection.kernel_id
+            ident.generation = kernel.connection.generation
+        return ident
+
+    def files_for(route: Route) -> SessionFiles:
+        session = manager.session(route.key)
         return SessionFiles(session.folder, settings.file_read_bytes, settings.file_write_bytes)
 
-    @mcp.tool(annotations={"title": "Run Python code", "openWorldHint": False})
+    @mcp.tool(annotations={"title": "Start a session", "openWorldHint": False})
+    async def new_session(ctx: Context) -> ToolResult:
+        """Start a new session (a kernel of your own) and return its handle.
+
+        Pass the handle as `session` to every later call. Needed only by clients without an
+        X-Session-Id header or MCP session; idle sessions end after a while.
+        """
+        bound = router.bound(ctx)
+        if bound is not None:
+            raise ToolError(
+                f"This connection already has its session ({bound}), and every call reaches "
+                "it; new_session is for clients without one. Open another connection (another "
+                "X-Session-Id) for another session."
+            )
+        handle = handles.mint()
+        data = NewSessionResult(session=handle).model_dump()
+        text = f'New session: {handle}\nPass session="{handle}" to every later call.'
+        return ToolResult(content=text, structured_content=data)
+
+    @mcp.tool(
+        annotations={"title": "Run Python code", "openWorldHint": False},
+        output_schema=ExecuteResult.model_json_schema(),
+    )
     async def execute_code(
         code: Annotated[str, Field(description="Python code to run in the session's kernel.")],
         ctx: Context,
@@ -209,67 +268,78 @@ def create_server(settings: Settings | None = None) -> FastMCP:
                 le=settings.max_execute_timeout,
             ),
         ] = None,
+        session: SessionArg = None,
     ) -> ToolResult:
         """Run Python code in this session's persistent kernel and return its output.
 
         Variables, imports and functions persist across calls. The value of the last
         expression is shown; use print() or display() for more. Figures come back as images.
+        An exception in the code is reported in the result (status "error").
         """
-        sid = session_key(ctx)
+        route = route_of(ctx, session)
         live = _LiveOutput(ctx)
-        try:
-            result = await manager.execute(sid, code, timeout=timeout, on_output=live.on_output)
-        except (KernelError, ValueError) as exc:
-            raise _tool_error(exc) from exc
-        finally:
-            await live.close()
-        rendered = render(
-            result, text_limit=settings.model_text_chars, image_max_bytes=settings.image_max_bytes
-        )
-        structured = result.to_dict()
-        images = rendered.images
-        image_bytes = sum(len(i.data) for i in images)
-        estimate = len(rendered.text) + image_bytes + _approx_size(result.outputs)
-        # JSON escaping grows text at most 6x: below an eighth of the bound it surely fits.
-        if estimate > settings.result_max_bytes // 8:
-            budget = settings.result_max_bytes - len(json.dumps(rendered.text))
-            if image_bytes > budget // 3:
-                images = []  # the full images stay in the structured outputs
-                rendered.text += "\n[images omitted from this message: too large; see outputs]"
-            _fit_structured(structured, budget - sum(len(i.data) for i in images))
-        content: list[TextContent | ImageContent] = [TextContent(type="text", text=rendered.text)]
-        content += [ImageContent(type="image", data=i.data, mime_type=i.mime_type) for i in images]
-        return ToolResult(content=content, structured_content=structured)
+        with calling(route):
+            try:
+                result = await manager.execute(
+                    route.key, code, timeout=timeout, on_output=live.on_output
+                )
+                ident = identity(route)
+            except (KernelError, ValueError) as exc:
+                raise _tool_error(exc) from exc
+            finally:
+                await live.close()
+            folder = manager.session(route.key).folder
+            built = await build_result(result, budget, ident, folder)
+        content: list[TextContent | ImageContent] = [
+            TextContent(type="text", text=built.text + _hint(route))
+        ]
+        content += [
+            ImageContent(type="image", data=i.data, mime_type=i.mime_type) for i in built.images
+        ]
+        return ToolResult(content=content, structured_content=built.structured)
 
     @mcp.tool(annotations={"readOnlyHint": True})
-    async def list_variables(ctx: Context) -> ToolResult:
+    async def list_variables(ctx: Context, session: SessionArg = None) -> ToolResult:
         """List the variables defined in this session's kernel: name, type and a short repr."""
-        try:
-            rows = await manager.list_variables(session_key(ctx))
-        except KernelError as exc:
-            raise _tool_error(exc) from exc
+        route = route_of(ctx, session)
+        with calling(route):
+            try:
+                rows = await manager.list_variables(route.key)
+            except KernelError as exc:
+                raise _tool_error(exc) from exc
         text = (
             "\n".join(f"{r['name']}: {r['type']} = {r['repr']}" for r in rows)
             or "[no variables defined]"
         )
-        return ToolResult(content=text, structured_content={"variables": rows})
+        return ToolResult(
+            content=text + _hint(route),
+            structured_content={"variables": rows, "session": route.handle},
+        )
 
     @mcp.tool
-    async def interrupt_kernel(ctx: Context) -> str:
+    async def interrupt_kernel(ctx: Context, session: SessionArg = None) -> str:
         """Interrupt the code running in this session's kernel (KeyboardInterrupt)."""
-        try:
-            sent = await manager.interrupt(session_key(ctx))
-        except KernelError:
-            sent = False
+        route = router.resolve(ctx, session, create=False)
+        if route is None:
+            return "No session given: pass `session` to interrupt its kernel."
+        with calling(route):
+            try:
+                sent = await manager.interrupt(route.key)
+            except KernelError:
+                sent = False
         return "Interrupt sent." if sent else "No kernel is running for this session."
 
     @mcp.tool(annotations={"destructiveHint": True})
-    async def restart_kernel(ctx: Context) -> str:
+    async def restart_kernel(ctx: Context, session: SessionArg = None) -> str:
         """Restart this session's kernel: all variables are lost; files are kept."""
-        try:
-            await manager.restart(session_key(ctx))
-        except KernelError as exc:
-            raise _tool_error(exc) from exc
+        route = router.resolve(ctx, session, create=False)
+        if route is None:
+            return "No session given: pass `session` to restart its kernel."
+        with calling(route):
+            try:
+                await manager.restart(route.key)
+            except KernelError as exc:
+                raise _tool_error(exc) from exc
         return "The kernel was restarted; variables defined earlier are gone, files are kept."
 
     @mcp.tool(annotations={"destructiveHint": True})
@@ -279,58 +349,75 @@ def create_server(settings: Settings | None = None) -> FastMCP:
             bool,
             Field(description="Also delete the session folder (when the session is deleted)."),
         ] = False,
+        session: SessionArg = None,
     ) -> str:
         """Shut this session's kernel down to free its memory; files are kept.
 
         The next execute_code starts a fresh kernel (earlier variables are gone).
         """
-        if delete_files:
-            closed = await manager.delete_session(session_key(ctx))
-            done = "The kernel was shut down" if closed else "No kernel was running"
-            return f"{done}; the session folder was deleted."
-        closed = await manager.close_session(session_key(ctx))
+        route = router.resolve(ctx, session, create=False)
+        if route is None:
+            return "No session given: pass `session` to shut its kernel down."
+        with calling(route):
+            if delete_files:
+                closed = await manager.delete_session(route.key)
+                if route.handle is not None:
+                    handles.forget(route.handle)  # the session is gone, not just its kernel
+                done = "The kernel was shut down" if closed else "No kernel was running"
+                return f"{done}; the session folder was deleted."
+            closed = await manager.close_session(route.key)
         return "The kernel was shut down." if closed else "No kernel was running for this session."
 
     @mcp.tool(annotations={"readOnlyHint": True})
     async def list_files(
         ctx: Context,
         path: Annotated[str, Field(description="Folder relative to the session folder.")] = ".",
+        session: SessionArg = None,
     ) -> ToolResult:
         """List the files in this session's folder (or a subfolder of it)."""
-        try:
-            entries = files_for(ctx).list(path)
-        except FileAccessError as exc:
-            raise ToolError(str(exc)) from None
+        route = route_of(ctx, session)
+        with calling(route):
+            try:
+                entries = files_for(route).list(path)
+            except FileAccessError as exc:
+                raise ToolError(str(exc)) from None
         lines = [
             f"{e['path']}{'/' if e['type'] == 'dir' else ''}  {e['size']:,} bytes" for e in entries
         ]
         return ToolResult(
-            content="\n".join(lines) or "[empty folder]", structured_content={"files": entries}
+            content=("\n".join(lines) or "[empty folder]") + _hint(route),
+            structured_content={"files": entries, "session": route.handle},
         )
 
     @mcp.tool(annotations={"readOnlyHint": True})
     async def read_file(
         path: Annotated[str, Field(description="File path relative to the session folder.")],
         ctx: Context,
+        session: SessionArg = None,
     ) -> str:
         """Read a UTF-8 text file from this session's folder."""
-        try:
-            return files_for(ctx).read_text(path)
-        except FileAccessError as exc:
-            raise ToolError(str(exc)) from None
+        route = route_of(ctx, session)
+        with calling(route):
+            try:
+                return files_for(route).read_text(path) + _hint(route)
+            except FileAccessError as exc:
+                raise ToolError(str(exc) + _hint(route)) from None
 
     @mcp.tool
     async def write_file(
         path: Annotated[str, Field(description="File path relative to the session folder.")],
         content: Annotated[str, Field(description="Text to write (UTF-8); replaces the file.")],
         ctx: Context,
+        session: SessionArg = None,
     ) -> str:
         """Write a text file into this session's folder (folders are created as needed)."""
-        try:
-            size = files_for(ctx).write_text(path, content)
-        except FileAccessError as exc:
-            raise ToolError(str(exc)) from None
-        return f"Wrote {size:,} bytes to {path}."
+        route = route_of(ctx, session)
+        with calling(route):
+            try:
+                size = files_for(route).write_text(path, content)
+            except FileAccessError as exc:
+                raise ToolError(str(exc)) from None
+        return f"Wrote {size:,} bytes to {path}." + _hint(route)
 
     @mcp.tool(annotations={"readOnlyHint": True})
     async def read_skill(
@@ -345,24 +432,33 @@ def create_server(settings: Settings | None = None) -> FastMCP:
         except KeyError as exc:
             raise ToolError(str(exc.args[0])) from None
 
-    @mcp.tool(annotations={"readOnlyHint": True})
-    async def kernel_info(ctx: Context) -> ToolResult:
+    @mcp.tool(
+        annotations={"readOnlyHint": True},
+        output_schema=KernelInfoResult.model_json_schema(),
+    )
+    async def kernel_info(ctx: Context, session: SessionArg = None) -> ToolResult:
         """This session's kernel: id, language, connection file and how to attach a console."""
-        sid = session_key(ctx)
-        try:
-            info = await manager.kernel_info(sid)
-        except KernelError as exc:
-            raise _tool_error(exc) from exc
-        data = {
-            "session_id": sid,
-            "kernel_id": info.kernel_id,
-            "pid": info.pid,
-            "language_info": info.language_info,
-            "connection_file": info.connection_file,
-            "console_command": info.console_command,
-            "folder": str(manager.session(sid).folder),
-        }
-        return ToolResult(content=json.dumps(data, indent=2), structured_content=data)
+        route = route_of(ctx, session)
+        with calling(route):
+            try:
+                info = await manager.kernel_info(route.key)
+            except KernelError as exc:
+                raise _tool_error(exc) from exc
+        data = KernelInfoResult(
+            session_id=route.key,
+            session=route.handle,
+            kernel_id=info.kernel_id,
+            kernel_generation=info.generation,
+            incarnation=incarnation_of(info.kernel_id, info.generation),
+            pid=info.pid,
+            language_info=info.language_info,
+            connection_file=info.connection_file,
+            console_command=info.console_command,
+            folder=str(manager.session(route.key).folder),
+        ).model_dump(mode="json")
+        return ToolResult(
+            content=json.dumps(data, indent=2) + _hint(route), structured_content=data
+        )
 
     @mcp.prompt(name="agent_system_prompt")
     def agent_system_prompt() -> str:
@@ -376,6 +472,7 @@ def create_server(settings: Settings | None = None) -> FastMCP:
                 "status": "ok",
                 "version": __version__,
                 **manager.stats(),
+                "handles": len(handles),
                 **sandbox.status(settings),  # "sandbox": "none" comes with a warning
             }
         )

@@ -33,6 +33,7 @@ TOOLS = {
     "read_skill",
     "kernel_info",
     "shutdown_kernel",
+    "new_session",
 }
 
 
@@ -165,17 +166,12 @@ async def test_same_session_header_reaches_the_same_kernel(serve_http: Callable[
         ] == first_id
 
 
-async def test_modern_protocol_uses_the_header_or_says_what_to_do(
-    serve_http: Callable[..., Any],
-) -> None:
+async def test_modern_protocol_uses_the_header(serve_http: Callable[..., Any]) -> None:
     base = await serve_http()
     transport = StreamableHttpTransport(f"{base}/mcp", headers={"X-Session-Id": "modern"})
     async with Client(transport) as client:
         await run(client, "y = 5")
         assert (await run(client, "y")).content[0].text == "5"
-    async with Client(StreamableHttpTransport(f"{base}/mcp")) as client:
-        with pytest.raises(ToolError, match="X-Session-Id"):
-            await run(client, "1")
 
 
 async def test_timeout_returns_quickly_and_state_survives(serve_http: Callable[..., Any]) -> None:
@@ -363,3 +359,28 @@ async def test_large_images_are_downscaled_and_results_stay_under_a_mebibyte(
     assert kept, [
         (o["output_type"], list(o.get("data", {}))) for o in result.structured_content["outputs"]
     ]
+
+
+async def test_modern_clients_list_skills_through_the_extension(
+    serve_http: Callable[..., Any],
+) -> None:
+    from fastmcp.skills import SkillsClientExtension
+
+    base = await serve_http()
+    transport = StreamableHttpTransport(f"{base}/mcp")
+    async with Client(transport, extensions=[SkillsClientExtension()]) as client:
+        assert client.protocol_version == "2026-07-28"
+        uris = {skill.uri for skill in await client.list_skills()}
+    served = {f"skill://{p.name}/SKILL.md" for p in REPO_SKILLS.iterdir() if p.is_dir()}
+    assert uris == {u for u in served if (REPO_SKILLS / u[8:-9] / "SKILL.md").is_file()}
+
+
+async def test_readme_example_with_the_official_sdk(serve_http: Callable[..., Any]) -> None:
+    from mcp import Client as SdkClient
+
+    base = await serve_http()
+    async with SdkClient(f"{base}/mcp") as client:
+        handle = (await client.call_tool("new_session", {})).structured_content["session"]
+        await client.call_tool("execute_code", {"code": "kept = 41", "session": handle})
+        result = await client.call_tool("execute_code", {"code": "kept + 1", "session": handle})
+        assert result.content[0].text == "42"
