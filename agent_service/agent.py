@@ -385,7 +385,8 @@ class Agent:
         t.say(t.renderer.note(_KERNEL_CHANGED))
 
     async def _identity(self, kernel: Any) -> str | None:
-        info = await kernel.call("kernel_info", {})
+        # A read: a chat-only session must not get a kernel from it.
+        info = await kernel.call("kernel_info", {"start": False})
         return None if info.is_error else kernel_identity(info.structured)
 
     async def _model_round(
@@ -503,8 +504,8 @@ class Agent:
         record = self.store.get_session(sid)
         if record is None or (record.kernel_json and record.kernel_identity and not refresh):
             return
-        info = await kernel.call("kernel_info", {})
-        if not info.is_error and info.structured:
+        info = await kernel.call("kernel_info", {"start": False})
+        if not info.is_error and info.structured and info.structured.get("running", True):
             self.store.update_session(
                 sid,
                 kernel_json=json.dumps(info.structured),

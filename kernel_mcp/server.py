@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse
 from kernel_schema import ExecuteResult, KernelInfoResult, NewSessionResult, incarnation_of
 
 from . import sandbox
-from .backend import Message
+from .backend import KernelInfo, Message
 from .config import Settings
 from .errors import CapacityError, FileAccessError, KernelError, SessionNotFound
 from .files import SessionFiles
@@ -436,18 +436,39 @@ def create_server(settings: Settings | None = None) -> FastMCP:
         annotations={"readOnlyHint": True},
         output_schema=KernelInfoResult.model_json_schema(),
     )
-    async def kernel_info(ctx: Context, session: SessionArg = None) -> ToolResult:
+    async def kernel_info(
+        ctx: Context,
+        session: SessionArg = None,
+        start: Annotated[
+            bool,
+            Field(description="Start a kernel if the session has none (false: only report)."),
+        ] = True,
+    ) -> ToolResult:
         """This session's kernel: id, language, connection file and how to attach a console."""
         route = route_of(ctx, session)
+        info: KernelInfo | None
         with calling(route):
             try:
-                info = await manager.kernel_info(route.key)
+                if start:
+                    info = await manager.kernel_info(route.key)
+                else:
+                    info = manager.running_kernel_info(route.key)
             except KernelError as exc:
                 raise _tool_error(exc) from exc
+        if info is None:
+            data = KernelInfoResult(
+                session_id=route.key,
+                session=route.handle,
+                running=False,
+                folder=str(manager.settings.workspace / route.key),
+            ).model_dump(mode="json")
+            text = "No kernel runs for this session yet; the first execute_code starts one."
+            return ToolResult(content=text + _hint(route), structured_content=data)
         data = KernelInfoResult(
             session_id=route.key,
             session=route.handle,
             kernel_id=info.kernel_id,
+            kernel_name=info.kernel_name,
             kernel_generation=info.generation,
             incarnation=incarnation_of(info.kernel_id, info.generation),
             pid=info.pid,

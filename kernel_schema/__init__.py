@@ -168,9 +168,15 @@ class KernelInfoResult(BaseModel):
 
     session_id: str = Field(description="The session's key inside kernel_mcp.")
     session: str | None = Field(default=None, description="The session handle, if any.")
-    kernel_id: str
+    running: bool = Field(
+        default=True, description="False when the session has no kernel yet (start=false)."
+    )
+    kernel_id: str | None = None
+    kernel_name: str | None = Field(
+        default=None, description="The name JupyterLab lists the kernel under."
+    )
     kernel_generation: int = 0
-    incarnation: str
+    incarnation: str | None = None
     pid: int | None = None
     language_info: dict[str, Any] = Field(default_factory=dict)
     connection_file: str | None = None

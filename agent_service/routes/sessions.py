@@ -147,7 +147,8 @@ async def get_notebook(session_id: str, svc: Svc, caller: Caller) -> Response:
 @router.get("/{session_id}/kernel")
 async def get_kernel(session_id: str, svc: Svc, caller: Caller) -> dict[str, Any]:
     _visible(svc, caller, session_id)
-    outcome = await svc.kernels.call(session_id, "kernel_info", {})
+    # A read starts nothing: a chat-only session answers `running: false`.
+    outcome = await svc.kernels.call(session_id, "kernel_info", {"start": False})
     if outcome.is_error or not outcome.structured:
         raise KernelServiceError(f"kernel_info failed: {outcome.text}")
     return outcome.structured

@@ -304,8 +304,24 @@ async def test_jupyter_server_lists_session_kernels(stack: Stack, tmp_path: Path
                 break
         assert kernels is not None, "jupyter server did not start"
         assert len(kernels) == 1, "the session kernel, and not the pool's"
-        # Listed under a name that says the session (JupyterLab's ids are its own).
-        assert kernels[0]["name"] == "kernel-agent-nb-lab"
+        # Listed under the name the agent's kernel endpoint reports for the session.
+        async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+            reported = (await http.get("/v1/sessions/nb-lab/kernel")).json()
+        assert reported["kernel_name"] == "kernel-agent-nb-lab"
+        assert kernels[0]["name"] == reported["kernel_name"]
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+async def test_reading_the_kernel_of_a_chat_only_session_starts_nothing(stack: Stack) -> None:
+    stack.llm.script(Text("Just words."))
+    await stream_turn(stack, "nb-chat-only", "hello")
+    async with httpx.AsyncClient() as http:
+        health = f"{stack.kernel_mcp.url}/health"
+        before = (await http.get(health)).json()["kernels_running"]
+        response = await http.get(f"{stack.agent.url}/v1/sessions/nb-chat-only/kernel")
+        after = (await http.get(health)).json()["kernels_running"]
+    assert response.status_code == 200
+    assert response.json()["running"] is False
+    assert after == before
