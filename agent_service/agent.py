@@ -118,9 +118,15 @@ def kernel_identity(info: dict[str, Any] | None) -> str | None:
     a new kernel_mcp gives new ids). When execute_code's typed result carries the kernel
     incarnation (issue 17), read that field here and the per-turn kernel_info call goes.
     """
+    if info and info.get("running") is False:
+        return NO_KERNEL
     if not info or not info.get("kernel_id"):
         return None
     return f"{info['kernel_id']}:{info.get('pid')}"
+
+
+NO_KERNEL = "none"
+"""The identity of a session kernel_mcp has no kernel for (restarted, culled): state is gone."""
 
 
 def _model_text(outcome: ToolOutcome) -> str:
@@ -372,7 +378,8 @@ class Agent:
         if now is None or now == known:
             return
         logger.info("session %s: kernel changed (%s -> %s)", t.sid, known, now)
-        self.store.update_session(t.sid, kernel_identity=now)
+        # No kernel yet: the one this turn starts is recorded once it runs.
+        self.store.update_session(t.sid, kernel_identity=None if now == NO_KERNEL else now)
         message = {"role": "user", "content": service_note(_KERNEL_CHANGED_FOR_MODEL)}
         data = {
             "kind": "kernel_changed",
