@@ -76,6 +76,8 @@ class KernelConnection(abc.ABC):
     """Called with output messages whose request is no longer being listened to."""
     notice: str | None = None
     """Why the session's earlier state is gone, when the backend found out on opening it."""
+    on_notice: Callable[[str], None] | None = None
+    """Called with a sentence when the state is found gone later (a remote restart)."""
     keep_running: bool = False
     """Shutdown only lets go of the kernel, which other replicas may still use (shared)."""
 

@@ -8,10 +8,11 @@ JSON framing. One reader task routes every message by its parent msg_id, as the 
 backend does; output of our own earlier requests is orphan output, other clients'
 output is not the session's.
 
-A kernel is found lost when its WebSocket closes and `GET` no longer finds it, when the
-gateway reports it `restarting` (it restarted a dead kernel) or `dead`, or when its
-messages come from another kernel process (each process signs with its own session id):
-someone else restarted it.
+A kernel is found lost when its WebSocket closes and `GET` no longer finds it, when it
+announces its shutdown (a `shutdown_reply` on IOPub: a DELETE, the gateway's culler), or
+when the gateway reports it `restarting` (it restarted a dead kernel) or `dead`. Messages that
+come from another kernel process than before (each process signs with a session id of
+its own) mean another client restarted it: the session is told its state is gone.
 
 Shared mode (`KERNEL_MCP_GATEWAY_SHARED`, Enterprise Gateway): a session's kernel id is
 derived from the session id, so any kernel_mcp replica finds it with one `GET`; calls on
@@ -512,12 +513,15 @@ class GatewayKernel(KernelConnection):
             self._replaced = state != "dead"
             self._mark_dead(f"kernel {self.kernel_id}: the gateway reports it {state}")
             return
-        process = header.get("session")
-        replaced = self._process is not None and process and process != self._process
-        if replaced and channel in ("iopub", "shell"):
-            self._replaced = True
-            self._mark_dead(f"kernel {self.kernel_id} was restarted by another client")
+        if channel == "iopub" and msg_type == "shutdown_reply" and not content.get("restart"):
+            # The kernel tells every client it is being shut down (a DELETE, the gateway's
+            # culler); the WebSocket may stay open after it is gone.
+            self._mark_dead(f"kernel {self.kernel_id} is being shut down by the gateway")
             return
+        process = header.get("session")
+        known = self._process
+        if known is not None and process and process != known and channel in ("iopub", "shell"):
+            self._new_process(process)
         parent = msg.get("parent_header") or {}
         parent_id = parent.get("msg_id")
         listener = self._listeners.get(parent_id) if parent_id else None
@@ -538,6 +542,22 @@ class GatewayKernel(KernelConnection):
                 listener.on_reply(msg)
         except Exception:  # a listener bug must not stop the reader, or every call hangs
             logger.exception("kernel %s: message handler failed", self.kernel_id)
+
+    def _new_process(self, process: str) -> None:
+        """Another client (a replica) restarted the kernel: requests sent since run there."""
+        self._process = process
+        known = self._record.read() if self._record is not None else None
+        if known is not None and known.get("process") == process:
+            self.generation = int(known.get("generation", self.generation + 1))
+        else:
+            self.generation += 1
+        logger.warning("kernel %s was restarted by another client", self.kernel_id)
+        if self.on_notice is not None:
+            self.on_notice(
+                "The kernel was restarted by another client of the gateway (another kernel_mcp "
+                "replica, or its restart_kernel) before this call; variables defined earlier "
+                "are gone."
+            )
 
     def _mark_dead(self, why: str) -> None:
         if self._dead:

@@ -391,6 +391,7 @@ class SessionManager:
         if connection.notice:  # the backend found the session's earlier kernel gone
             self._tell_later(session, connection.notice)
         connection.on_orphan = lambda msg: self._on_background(session, msg)
+        connection.on_notice = lambda message: self._tell_later(session, message)
         session.kernel = kernel
         session.last_activity = time.monotonic()
         logger.info("session %s: kernel %s", session.id, kernel.kernel_id)

@@ -165,6 +165,9 @@ class RecordingGatewayBackend(GatewayBackend):
 
 @pytest.fixture
 def make_settings(short_tmp: Path, gateway: Gateway | None) -> Callable[..., Settings]:
+    # Each test its own kernel ids: derived ids must not meet another test's kernels.
+    namespace = uuid.uuid4()
+
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "workspace": short_tmp / "ws",
@@ -173,8 +176,7 @@ def make_settings(short_tmp: Path, gateway: Gateway | None) -> Callable[..., Set
             "interrupt_grace": 1.0,
         }
         if gateway is not None:
-            # Each test its own kernel ids: derived ids must not meet another test's kernels.
-            values.update(gateway.settings(), gateway_namespace=uuid.uuid4())
+            values.update(gateway.settings(), gateway_namespace=namespace)
         values.update(overrides)
         return Settings(**values)
 
