@@ -729,6 +729,9 @@ class GatewayBackend(KernelBackend):
             )
         return started
 
+    def claim_folder(self, kernel: KernelConnection, folder: Path) -> Path:
+        return Path(self.kernel_path(folder))
+
     async def move_to(self, kernel: GatewayKernel, folder: Path) -> None:
         """Change the kernel's working folder (gateways start kernels in their own)."""
         path = self.kernel_path(folder)

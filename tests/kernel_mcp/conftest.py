@@ -261,7 +261,7 @@ class LiveText:
 
 def kernel_cwd(manager: SessionManager, session_id: str) -> str:
     """The session folder as its kernel sees it: a sandbox mounts it at SESSION_FOLDER."""
-    if manager.settings.sandbox == "bwrap":
+    if manager.settings.backend == "local" and manager.settings.sandbox == "bwrap":
         return SESSION_FOLDER
     return str(manager.settings.workspace / session_id)
 
