@@ -203,7 +203,7 @@ class SessionManager:
             "sessions": len(self._sessions),
             "kernels_running": len(self._kernels),
             "pool_ready": len(self._pool),
-            "pool_size": self.settings.pool_size,
+            "pool_size": 0 if self._backend.shared else self.settings.pool_size,
             "max_kernels": self.settings.max_kernels,
         }
 
