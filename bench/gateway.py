@@ -5,9 +5,10 @@ gateways`) on loopback ports, with our kernelspec (kernels on this repo's Python
 same launcher the local backend uses), then measures through `SessionManager`:
 
 1. execute latency of `x + 1` on one session: local, Enterprise Gateway (shared mode:
-   derived ids, session lock file), Kernel Gateway, and Enterprise Gateway with
-   TCP_QUICKACK off (`KERNEL_MCP_GATEWAY_QUICKACK=false`), in alternating chunks (the
-   order rotates every chunk) so machine noise hits all alike;
+   derived ids, session lock file), Kernel Gateway, Enterprise Gateway with TCP_QUICKACK
+   off (`KERNEL_MCP_GATEWAY_QUICKACK=false`), and the floor: a bare WebSocket client on
+   an Enterprise Gateway kernel, in alternating chunks (the order rotates every chunk) so
+   machine noise hits all alike;
 2. first result of a new session (no warm pool on either side: shared gateway kernels
    have none), alternating local and Enterprise Gateway.
 
@@ -31,13 +32,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
+from websockets.asyncio.client import connect
 
 from kernel_mcp.config import Settings
 from kernel_mcp.gateway_kernelspec import write_kernelspec
+from kernel_mcp.gateway_protocol import V1_PROTOCOL, pack_v1, unpack_v1
 from kernel_mcp.sessions import SessionManager
 
 logger = logging.getLogger("bench.gateway")
@@ -132,6 +136,75 @@ class GatewayProcess:
                 self.process.kill()
 
 
+class RawWebSocketKernel:
+    """The floor: a kernel on the gateway driven by a bare WebSocket client (v1 framing,
+    TCP_QUICKACK re-armed as ours does), no session layer, no supervisor."""
+
+    def __init__(self, gateway: GatewayProcess) -> None:
+        self.gateway = gateway
+        self.headers = {"Authorization": f"token {gateway.token}"}
+        self.kernel_id = ""
+        self.ws: Any = None
+        self.session = uuid.uuid4().hex
+
+    async def start(self) -> None:
+        async with httpx.AsyncClient(headers=self.headers, timeout=60) as client:
+            response = await client.post(
+                f"{self.gateway.url}/api/kernels",
+                json={"name": "kernel-agent", "env": {"KERNEL_USERNAME": "bench"}},
+            )
+            response.raise_for_status()
+            self.kernel_id = response.json()["id"]
+        url = f"ws://127.0.0.1:{self.gateway.port}/api/kernels/{self.kernel_id}/channels"
+        self.ws = await connect(
+            url,
+            subprotocols=[V1_PROTOCOL],  # type: ignore[list-item]
+            additional_headers=self.headers,
+            max_size=None,
+            compression=None,
+        )
+        for _ in range(N_WARMUP):  # the first requests also wait for the kernel to be up
+            await self.execute("x = 1")
+
+    def _quickack(self) -> None:
+        sock = self.ws.transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", 12), 1)
+
+    async def execute(self, code: str) -> float:
+        msg_id = uuid.uuid4().hex
+        header = {
+            "msg_id": msg_id,
+            "msg_type": "execute_request",
+            "username": "bench",
+            "session": self.session,
+            "date": "",
+            "version": "5.3",
+        }
+        content = {"code": code, "silent": False, "store_history": True,
+                   "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}  # fmt: skip
+        msg = {"header": header, "parent_header": {}, "metadata": {}, "content": content,
+               "channel": "shell"}  # fmt: skip
+        started = time.perf_counter()
+        await self.ws.send(pack_v1(msg))
+        replied = idle = False
+        while not (replied and idle):
+            reply = unpack_v1(await self.ws.recv())
+            self._quickack()
+            if reply["parent_header"].get("msg_id") != msg_id:
+                continue
+            if reply["channel"] == "shell":
+                replied = True
+            elif reply["header"]["msg_type"] == "status":
+                idle = reply["content"]["execution_state"] == "idle"
+        return time.perf_counter() - started
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        async with httpx.AsyncClient(headers=self.headers, timeout=30) as client:
+            await client.delete(f"{self.gateway.url}/api/kernels/{self.kernel_id}")
+
+
 async def _execute(manager: SessionManager, session: str) -> float:
     started = time.perf_counter()
     result = await manager.execute(session, CODE)
@@ -182,15 +255,21 @@ async def main() -> None:
             await managers[name].execute("bench", "x = 1")
             for _ in range(N_WARMUP):
                 await _execute(managers[name], "bench")
+        raw = RawWebSocketKernel(gateways["eg"])
+        await raw.start()
         print("warm; measuring execute latency", file=sys.stderr)
-        samples: dict[str, list[float]] = {name: [] for name in managers}
-        names = list(managers)
+        samples: dict[str, list[float]] = {name: [] for name in [*managers, "raw_websocket_eg"]}
+        names = list(samples)
         per_chunk = N_SAMPLES // N_CHUNKS
         for chunk in range(N_CHUNKS):
             order = names[chunk % len(names) :] + names[: chunk % len(names)]
             for name in order:
                 for _ in range(per_chunk):
-                    samples[name].append(await _execute(managers[name], "bench"))
+                    if name == "raw_websocket_eg":
+                        samples[name].append(await raw.execute(CODE))
+                    else:
+                        samples[name].append(await _execute(managers[name], "bench"))
+        await raw.close()
         print("measuring the first result of a new session", file=sys.stderr)
         first: dict[str, list[float]] = {"local": [], "enterprise_gateway": []}
         for i in range(N_FIRST):

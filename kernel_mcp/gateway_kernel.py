@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import socket
 import ssl
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,17 +43,17 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from .backend import ExecutionListener, KernelBackend, KernelConnection, KernelInfo, Loss, Message
 from .config import Settings
 from .errors import CapacityError, KernelError, KernelStartError
+from .gateway_protocol import V1_PROTOCOL, ReadyProbe, Reply, pack_v1, unpack_legacy, unpack_v1
+from .gateway_records import SessionRecord
 
 logger = logging.getLogger(__name__)
 
-V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
 _PROTOCOL_VERSION = "5.3"
 _OUTPUT_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
 # Status messages the gateway itself sends (not the kernel): restarted, or gave up.
 _SERVER_STATES = frozenset({"restarting", "autorestarting", "dead"})
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 _MAX_MESSAGE = 256 * 1024 * 1024
-_LOCK_POLL = (0.005, 0.1)  # first and longest wait between tries of a busy session lock
 
 
 class GatewayError(KernelError):
@@ -72,152 +69,6 @@ def derived_kernel_id(namespace: uuid.UUID, session_id: str) -> str:
     return str(uuid.UUID(bytes=uuid.uuid5(namespace, session_id).bytes, version=4))
 
 
-# -- wire formats ---------------------------------------------------------------------
-
-
-def _pack_v1(msg: Message) -> bytes:
-    parts = [
-        json.dumps(msg[key], default=str).encode()
-        for key in ("header", "parent_header", "metadata", "content")
-    ]
-    channel = msg["channel"].encode()
-    offsets = [8 * (1 + 1 + len(parts) + 1)]
-    offsets.append(offsets[-1] + len(channel))
-    for part in parts:
-        offsets.append(offsets[-1] + len(part))
-    head = len(offsets).to_bytes(8, "little") + b"".join(o.to_bytes(8, "little") for o in offsets)
-    return b"".join([head, channel, *parts])
-
-
-def _unpack_v1(data: bytes) -> Message:
-    count = int.from_bytes(data[:8], "little")
-    offsets = [int.from_bytes(data[8 * (i + 1) : 8 * (i + 2)], "little") for i in range(count)]
-    offsets.append(len(data))
-    channel = data[offsets[0] : offsets[1]].decode()
-    parts = [data[offsets[i] : offsets[i + 1]] for i in range(1, len(offsets) - 1)]
-    header, parent, metadata, content = (json.loads(p) for p in parts[:4])
-    return {
-        "channel": channel,
-        "header": header,
-        "msg_id": header.get("msg_id"),
-        "msg_type": header.get("msg_type"),
-        "parent_header": parent,
-        "metadata": metadata,
-        "content": content,
-        "buffers": parts[4:],
-    }
-
-
-def _unpack_legacy(data: str | bytes) -> Message:
-    if isinstance(data, str):
-        msg: Message = json.loads(data)
-        return msg
-    # Legacy binary frame (a message with buffers): offsets, then JSON, then the buffers.
-    count = struct.unpack("!i", data[:4])[0]
-    offsets = list(struct.unpack("!" + "I" * count, data[4 : 4 * (count + 1)]))
-    offsets.append(len(data))
-    bufs = [data[offsets[i] : offsets[i + 1]] for i in range(count)]
-    msg = json.loads(bufs[0])
-    msg["buffers"] = bufs[1:]
-    return msg
-
-
-class _Reply:
-    """Listener of one internal request: its reply status, or the loss."""
-
-    def __init__(self) -> None:
-        self.status: str | None = None
-        self.done = asyncio.Event()
-
-    def on_iopub(self, msg: Message) -> None:
-        return None
-
-    def on_reply(self, msg: Message) -> None:
-        self.status = msg["content"].get("status")
-        self.done.set()
-
-    def on_kernel_lost(self, reason: Loss) -> None:
-        self.status = str(reason)
-        self.done.set()
-
-
-class _ReadyProbe:
-    """kernel_info handshake: a reply on shell plus idle on IOPub for the same request."""
-
-    def __init__(self) -> None:
-        self.replies: dict[str, Message] = {}
-        self.idle: set[str] = set()
-        self.ready: Message | None = None
-        self.lost = False
-        self.done = asyncio.Event()
-
-    def on_iopub(self, msg: Message) -> None:
-        if msg["header"]["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            self.idle.add(msg["parent_header"]["msg_id"])
-            self._check(msg["parent_header"]["msg_id"])
-
-    def on_reply(self, msg: Message) -> None:
-        self.replies[msg["parent_header"]["msg_id"]] = msg
-        self._check(msg["parent_header"]["msg_id"])
-
-    def on_kernel_lost(self, reason: Loss) -> None:
-        self.lost = True
-        self.done.set()
-
-    def _check(self, msg_id: str) -> None:
-        if msg_id in self.replies and msg_id in self.idle:
-            self.ready = self.replies[msg_id]
-            self.done.set()
-
-
-# -- the session record -----------------------------------------------------------------
-
-
-class _SessionRecord:
-    """A session's lock file in the shared workspace, and the kernel it last knew.
-
-    The file is locked (flock) around each call on the session, so calls of one session are
-    serialized across replicas; it holds the kernel id, the kernel process's session id and
-    the generation, so a replica can tell a kernel that was replaced or lost behind its back.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def read(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.path.read_text() or "null")
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    def write(self, data: dict[str, Any] | None) -> None:
-        # Rewritten in place: the file is also the lock, and a rename would swap it.
-        try:
-            with self.path.open("r+") as handle:
-                handle.truncate(0)
-                handle.write(json.dumps(data) if data else "")
-        except OSError:
-            logger.warning("could not write the session record %s", self.path, exc_info=True)
-
-    @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            wait = _LOCK_POLL[0]
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(wait)  # another replica runs a call of this session
-                    wait = min(wait * 2, _LOCK_POLL[1])
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-
 # -- one kernel -------------------------------------------------------------------------
 
 
@@ -230,7 +81,7 @@ class GatewayKernel(KernelConnection):
         kernel_id: str,
         *,
         session_id: str | None = None,
-        record: _SessionRecord | None = None,
+        record: SessionRecord | None = None,
     ) -> None:
         self._backend = backend
         self._settings = backend.settings
@@ -293,7 +144,7 @@ class GatewayKernel(KernelConnection):
     async def _wait_ready(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        probe = _ReadyProbe()
+        probe = ReadyProbe()
         sent: list[str] = []
         interval = 0.1
         try:
@@ -391,7 +242,7 @@ class GatewayKernel(KernelConnection):
         self._listeners[msg_id] = listener
         ws = self._ws
         assert ws is not None
-        data: bytes | str = _pack_v1(msg) if self._v1 else json.dumps(msg)
+        data: bytes | str = pack_v1(msg) if self._v1 else json.dumps(msg)
         # The send is queued on the connection; a failure shows as the connection closing.
         task = asyncio.ensure_future(ws.send(data))
         task.add_done_callback(_log_send_failure)
@@ -470,8 +321,8 @@ class GatewayKernel(KernelConnection):
             async for data in ws:
                 self._quickack()
                 try:
-                    msg = _unpack_v1(data) if isinstance(data, bytes) and self._v1 else None
-                    msg = msg or _unpack_legacy(data)
+                    msg = unpack_v1(data) if isinstance(data, bytes) and self._v1 else None
+                    msg = msg or unpack_legacy(data)
                 except (ValueError, KeyError, struct.error):
                     logger.exception("kernel %s: unreadable message dropped", self.kernel_id)
                     continue
@@ -636,8 +487,8 @@ class GatewayBackend(KernelBackend):
     def _records(self) -> Path:
         return self.settings.workspace / ".kernels"
 
-    def _record(self, session_id: str) -> _SessionRecord:
-        return _SessionRecord(self._records / f"{session_id}.lock")
+    def _record(self, session_id: str) -> SessionRecord:
+        return SessionRecord(self._records / f"{session_id}.lock")
 
     def session_guard(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         if not self.shared:
@@ -736,7 +587,7 @@ class GatewayBackend(KernelBackend):
         """Change the kernel's working folder (gateways start kernels in their own)."""
         path = self.kernel_path(folder)
         code = f"import os as __ka_os; __ka_os.chdir({path!r}); del __ka_os"
-        reply = _Reply()
+        reply = Reply()
         msg_id = kernel.execute(code, reply, silent=True)
         try:
             async with asyncio.timeout(self.settings.internal_timeout):
@@ -853,4 +704,4 @@ def _parse_time(value: Any) -> float | None:
         return None
 
 
-__all__ = ["GatewayBackend", "GatewayError", "GatewayKernel", "derived_kernel_id"]
+__all__ = ["V1_PROTOCOL", "GatewayBackend", "GatewayError", "GatewayKernel", "derived_kernel_id"]
