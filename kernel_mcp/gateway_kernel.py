@@ -32,6 +32,7 @@ import ssl
 import struct
 import time
 import uuid
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ class GatewayKernel(KernelConnection):
         self._ws: ClientConnection | None = None
         self._v1 = False
         self._reader: asyncio.Task[None] | None = None
+        self._closed_task: asyncio.Task[None] | None = None
         self._dead = False
         self._closing = False
         self._replaced = False
@@ -334,7 +336,7 @@ class GatewayKernel(KernelConnection):
         except Exception:
             logger.exception("kernel %s: WebSocket reader failed", self.kernel_id)
         if self._ws is ws and not self._closing:
-            asyncio.get_running_loop().create_task(self._on_closed())
+            self._closed_task = asyncio.get_running_loop().create_task(self._on_closed())
 
     async def _on_closed(self) -> None:
         """The WebSocket closed under us: a gone kernel is lost, a live one is reconnected."""
@@ -451,6 +453,9 @@ class GatewayBackend(KernelBackend):
             self.headers["Authorization"] = f"token {settings.gateway_token.get_secret_value()}"
         self.ssl_context = self._ssl_context()
         self._http: httpx.AsyncClient | None = None
+        self._session_records: weakref.WeakValueDictionary[str, SessionRecord] = (
+            weakref.WeakValueDictionary()
+        )
 
     def _ssl_context(self) -> ssl.SSLContext:
         s = self.settings
@@ -488,7 +493,11 @@ class GatewayBackend(KernelBackend):
         return self.settings.workspace / ".kernels"
 
     def _record(self, session_id: str) -> SessionRecord:
-        return SessionRecord(self._records / f"{session_id}.lock")
+        record = self._session_records.get(session_id)
+        if record is None:
+            record = SessionRecord(self._records / f"{session_id}.lock")
+            self._session_records[session_id] = record
+        return record
 
     def session_guard(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         if not self.shared:

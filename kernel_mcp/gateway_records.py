@@ -35,25 +35,38 @@ class SessionRecord:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fd: int | None = None
+        """The locked descriptor while a call holds the lock: reads and writes go through it
+        (over NFS, closing any other descriptor of the file would drop the lock)."""
 
     def read(self) -> dict[str, Any] | None:
         try:
-            data = json.loads(self.path.read_text() or "null")
+            if self._fd is not None:
+                text = os.pread(self._fd, 1 << 16, 0).decode()
+            else:
+                text = self.path.read_text()
+            data = json.loads(text or "null")
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
 
     def write(self, data: dict[str, Any] | None) -> None:
         # Rewritten in place: the file is also the lock, and a rename would swap it.
+        text = json.dumps(data).encode() if data else b""
         try:
-            with self.path.open("r+") as handle:
+            if self._fd is not None:
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, text, 0)
+                return
+            with self.path.open("r+b") as handle:
                 handle.truncate(0)
-                handle.write(json.dumps(data) if data else "")
+                handle.write(text)
         except OSError:
             logger.warning("could not write the session record %s", self.path, exc_info=True)
 
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
+        """Hold the session's lock (one holder per record object: the session's own lock)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -65,6 +78,8 @@ class SessionRecord:
                 except BlockingIOError:
                     await asyncio.sleep(wait)  # another replica runs a call of this session
                     wait = min(wait * 2, _LOCK_POLL[1])
+            self._fd = fd
             yield
         finally:
+            self._fd = None
             os.close(fd)  # releases the lock
