@@ -133,6 +133,10 @@ class GatewayKernel(KernelConnection):
         self._reader = asyncio.create_task(self._read(self._ws), name=f"gw-{self.kernel_id[:8]}")
 
     async def _disconnect(self) -> None:
+        watcher, self._closed_task = self._closed_task, None
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()  # a reconnect in progress: the caller replaces the connection
+            await asyncio.gather(watcher, return_exceptions=True)
         ws, self._ws = self._ws, None
         reader, self._reader = self._reader, None
         if ws is not None:

@@ -175,7 +175,6 @@ async def test_modern_protocol_uses_the_header(serve_http: Callable[..., Any]) -
         assert (await run(client, "y")).content[0].text == "5"
 
 
-@pytest.mark.gateway
 async def test_timeout_returns_quickly_and_state_survives(serve_http: Callable[..., Any]) -> None:
     base = await serve_http()
     async with http_client(base, "t1") as client:
