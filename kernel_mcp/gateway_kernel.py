@@ -205,7 +205,9 @@ class GatewayKernel(KernelConnection):
             return
         await self._backend.delete(self.kernel_id)
         if self._record is not None:
-            self._record.write(None)  # shut down on purpose: the next kernel starts afresh
+            # Shut down on purpose: the next kernel starts without a notice, under the next
+            # generation (so the incarnation, kernel id and generation, never repeats).
+            self._record.write({"kernel_id": self.kernel_id, "generation": self.generation})
         logger.info("kernel %s shut down", self.kernel_id)
 
     # -- requests -------------------------------------------------------------
@@ -281,7 +283,9 @@ class GatewayKernel(KernelConnection):
 
     def adopt(self, record: dict[str, Any] | None, *, started: bool) -> None:
         """Compare with what the session's record says, then record this kernel process."""
-        if record is not None:
+        if record is not None and "process" not in record:  # shut down on purpose before
+            self.generation = int(record.get("generation", 0)) + 1
+        elif record is not None:
             if started:
                 self.notice = (
                     "This session's kernel was gone (the gateway restarted, or the kernel was "

@@ -239,3 +239,20 @@ async def test_health_answers_while_the_gateway_is_down(
     assert health.status_code == 200
     with pytest.raises(Exception, match="gateway"):
         await _mcp_call(base, "s1", "1")
+
+
+@ON_EG
+async def test_a_kernel_shut_down_on_purpose_comes_back_without_a_notice(
+    start_manager: Any,
+) -> None:
+    one: SessionManager = await start_manager()
+    await one.execute("s1", "kept = 1")
+    before = await one.kernel_info("s1")
+    assert await one.close_session("s1")
+    two: SessionManager = await start_manager()
+    result = await two.execute("s1", "'kept' in globals()")
+    assert plain_of(result.outputs) == "False"
+    assert not result.state_lost, "asked for: nobody is told"
+    after = await two.kernel_info("s1")
+    assert after.kernel_id == before.kernel_id, "derived from the session"
+    assert after.generation > before.generation, "an incarnation never repeats"
