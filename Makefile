@@ -4,16 +4,21 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint bench lab clean
+.PHONY: run test install gateways lint bench lab clean
 
 run: $(STAMP)
 	sh scripts/ensure_bubblewrap.sh
 	$(BIN)/python scripts/run_stack.py
 
-test: $(STAMP)
+test: $(STAMP) gateways
 	sh scripts/ensure_bubblewrap.sh
 	sh scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest
+
+# Virtualenvs of Jupyter Enterprise Gateway and Kernel Gateway, which the tests and
+# `make bench` start on loopback ports (each pins its own jupyter_server/jupyter_client).
+gateways:
+	PYTHON=$(PYTHON) sh scripts/gateway_venvs.sh
 
 install: $(STAMP)
 
@@ -35,10 +40,10 @@ lab: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
-bench: $(STAMP)
+bench: $(STAMP) gateways
 	sh scripts/ensure_bubblewrap.sh
-	for b in kernel_layer mcp_server agent_turn notebook_export; do \
+	for b in kernel_layer gateway mcp_server agent_turn notebook_export; do \
 		[ -f bench/$$b.py ] || continue; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) data
+	rm -rf $(VENV) data .gateway-venvs

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     _configure_logging(args.log_level)
     _quiet_telemetry()
     settings = Settings()
-    if settings.sandbox == "bwrap":
+    if settings.backend == "local" and settings.sandbox == "bwrap":
         from .errors import SandboxUnavailable
         from .sandbox import find_bwrap
 

@@ -12,6 +12,10 @@ neither ZeroMQ's queues nor kernel_mcp ever hold more than the cap, and a cell's
 output always arrives before its own `idle`. Settings come from the environment:
 ``KERNEL_AGENT_OUTPUT_CAP`` (text bytes per request), ``KERNEL_AGENT_IMAGE_CAP``
 (image bytes per request), ``KERNEL_AGENT_SPOOL_LIMIT`` (bytes kept in the file).
+On a gateway (our kernelspec, `kernel_mcp.gateway_kernelspec`) the start request sets
+them, and ``KERNEL_AGENT_MEMORY_LIMIT`` overrides the limit argument.
+``KERNEL_AGENT_ALLOW_SHUTDOWN=1`` (the gateway kernelspec) lets shutdown requests through:
+the gateway stops its kernels by request, and its REST API is the door anyway.
 """
 
 import json
@@ -292,6 +296,7 @@ class OutputCap:
 
 def main() -> None:
     limit = int(sys.argv.pop(1))
+    limit = int(os.environ.get("KERNEL_AGENT_MEMORY_LIMIT", limit))
     if limit > 0:
         _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         if hard != resource.RLIM_INFINITY:
@@ -337,7 +342,7 @@ def main() -> None:
     OutStream.write = capped_write  # type: ignore[method-assign]
 
     class KernelApp(IPKernelApp):
-        kernel_class = Kernel
+        kernel_class = IPythonKernel if os.environ.get("KERNEL_AGENT_ALLOW_SHUTDOWN") else Kernel
 
         def init_iopub(self, context: zmq.Context) -> None:  # type: ignore[type-arg]
             # Unbounded IOPub send queue: past ZeroMQ's default 1,000 queued messages a PUB

@@ -1,13 +1,16 @@
 """The small interface between the session layer and a kernel implementation.
 
 The local jupyter_client backend (`kernel_mcp.local_kernel`) is the first
-implementation; a remote one (Jupyter Server, Kernel or Enterprise Gateway over
-REST and WebSocket) implements the same two classes and nothing else changes.
+implementation; the gateway backend (`kernel_mcp.gateway_kernel`: Kernel or Enterprise
+Gateway over REST and WebSocket) implements the same two classes. A backend whose kernels
+are `shared` with other kernel_mcp replicas finds a session's kernel by the session id
+(`open_kernel`) and serializes a session's calls across replicas (`session_guard`).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +74,12 @@ class KernelConnection(abc.ABC):
 
     on_orphan: Callable[[Message], None] | None = None
     """Called with output messages whose request is no longer being listened to."""
+    notice: str | None = None
+    """Why the session's earlier state is gone, when the backend found out on opening it."""
+    on_notice: Callable[[str], None] | None = None
+    """Called with a sentence when the state is found gone later (a remote restart)."""
+    keep_running: bool = False
+    """Shutdown only lets go of the kernel, which other replicas may still use (shared)."""
 
     @property
     def dead(self) -> bool:
@@ -114,6 +123,10 @@ class KernelConnection(abc.ABC):
 class KernelBackend(abc.ABC):
     """Starts kernels."""
 
+    shared: bool = False
+    """Kernels are shared with other kernel_mcp replicas: found by session, no warm pool, and
+    culling, eviction or closing a replica lets them run (the gateway culls them)."""
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Prepare the backend (folders, stale files)."""
@@ -124,6 +137,14 @@ class KernelBackend(abc.ABC):
 
         A `pooled` kernel waits for a session; `assign` is called when one claims it.
         """
+
+    async def open_kernel(self, session_id: str, cwd: Path) -> KernelConnection:
+        """The kernel of `session_id`: a shared backend finds the running one, if any."""
+        return await self.start_kernel(cwd)
+
+    def session_guard(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held around each call on a session; a shared backend serializes them across replicas."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     async def close(self) -> None:

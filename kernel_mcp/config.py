@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -123,6 +124,57 @@ class Settings(BaseSettings):
         description="Extra host paths sandboxed kernels may read (JSON list), e.g. data sets.",
     )
 
+    backend: Literal["local", "gateway"] = Field(
+        default="local",
+        description="local: kernels are child processes; gateway: kernels on a Jupyter "
+        "Kernel or Enterprise Gateway (KERNEL_MCP_GATEWAY_URL).",
+    )
+    gateway_url: str | None = Field(
+        default=None, description="Base URL of the gateway, e.g. http://gateway:8888."
+    )
+    gateway_ws_url: str | None = Field(
+        default=None, description="WebSocket base URL when it differs (default: from the URL)."
+    )
+    gateway_token: SecretStr | None = Field(
+        default=None, description="Sent as `Authorization: token <it>` on every request."
+    )
+    gateway_kernel_name: str = Field(
+        default="kernel-agent",
+        description="Kernelspec the gateway starts (`python -m kernel_mcp.gateway_kernelspec` "
+        "writes ours: output cap in the kernel, memory limit).",
+    )
+    gateway_username: str = Field(
+        default="kernel-agent",
+        description="KERNEL_USERNAME of every kernel (Enterprise Gateway refuses root).",
+    )
+    gateway_shared: bool = Field(
+        default=True,
+        description="Kernel ids derived from session ids, so any replica finds a session's "
+        "kernel (needs a gateway that honours KERNEL_ID: Enterprise Gateway); off: the gateway "
+        "picks ids, one replica only, warm pool on.",
+    )
+    gateway_namespace: uuid.UUID = Field(
+        default=uuid.UUID("5b0f3c36-3a83-4a46-9a2e-6c1f0f6c1f4b"),
+        description="Namespace of derived kernel ids: deployments sharing a gateway differ.",
+    )
+    gateway_kernel_workspace: str | None = Field(
+        default=None,
+        description="The workspace as kernels see it on the gateway's side (default: the same "
+        "path as KERNEL_MCP_WORKSPACE).",
+    )
+    gateway_validate_cert: bool = True
+    gateway_ca_certs: Path | None = Field(default=None, description="CA bundle (PEM).")
+    gateway_client_cert: Path | None = Field(default=None, description="Client certificate.")
+    gateway_client_key: Path | None = Field(default=None, description="Its private key.")
+    gateway_request_timeout: float = Field(
+        default=30.0, gt=0, description="Deadline of one REST request (starts: startup_timeout)."
+    )
+    gateway_quickack: bool = Field(
+        default=True,
+        description="Re-arm TCP_QUICKACK on the kernel WebSocket after every message: without "
+        "it delayed ACKs add ~40 ms to each small round trip.",
+    )
+
     model_text_chars: int = Field(
         default=20_000, ge=500, description="Text of one result given to the model (head+tail)."
     )
@@ -172,4 +224,6 @@ class Settings(BaseSettings):
                 "KERNEL_MCP_TRANSPORT=tcp cannot reach a sandboxed kernel that has no network: "
                 "use the default ipc transport, or KERNEL_MCP_KERNEL_NETWORK=host"
             )
+        if self.backend == "gateway" and not self.gateway_url:
+            raise ValueError("KERNEL_MCP_BACKEND=gateway needs KERNEL_MCP_GATEWAY_URL")
         return self

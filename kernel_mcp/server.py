@@ -494,7 +494,13 @@ def create_server(settings: Settings | None = None) -> FastMCP:
                 "version": __version__,
                 **manager.stats(),
                 "handles": len(handles),
-                **sandbox.status(settings),  # "sandbox": "none" comes with a warning
+                "backend": settings.backend,
+                # "sandbox": "none" comes with a warning; on a gateway, kernels are its own
+                **(
+                    sandbox.status(settings)
+                    if settings.backend == "local"
+                    else {"sandbox": "gateway"}
+                ),
             }
         )
 

@@ -119,7 +119,11 @@ class SessionManager:
     """Owns all kernels: sessions, pool, culling, eviction."""
 
     def __init__(self, settings: Settings, backend: KernelBackend | None = None) -> None:
-        if backend is None:
+        if backend is None and settings.backend == "gateway":
+            from .gateway_kernel import GatewayBackend
+
+            backend = GatewayBackend(settings)
+        elif backend is None:
             from .local_kernel import LocalBackend
 
             backend = LocalBackend(settings)
@@ -128,7 +132,9 @@ class SessionManager:
         self._sessions: dict[str, KernelSession] = {}
         self._kernels: set[KernelSupervisor] = set()
         """Every kernel not yet shut down, claimed by a session or being retired."""
-        self._pool = KernelPool(backend, settings.pool_size, settings.workspace / ".pool")
+        # Shared kernels are found by session id: a pooled kernel's id could not be found.
+        pool_size = 0 if backend.shared else settings.pool_size
+        self._pool = KernelPool(backend, pool_size, settings.workspace / ".pool")
         self._cull_task: asyncio.Task[None] | None = None
         self._starting = 0
 
@@ -156,6 +162,8 @@ class SessionManager:
             session.kernel = None
         # Joins any shutdown already under way (a cull the cancellation interrupted).
         kernels = list(self._kernels)
+        for kernel in kernels:  # shared kernels outlive this replica; the gateway culls them
+            kernel.connection.keep_running = self._backend.shared
         await asyncio.gather(*(k.aclose() for k in kernels), return_exceptions=True)
         self._kernels.clear()
         await self._backend.close()
@@ -195,7 +203,7 @@ class SessionManager:
             "sessions": len(self._sessions),
             "kernels_running": len(self._kernels),
             "pool_ready": len(self._pool),
-            "pool_size": self.settings.pool_size,
+            "pool_size": 0 if self._backend.shared else self.settings.pool_size,
             "max_kernels": self.settings.max_kernels,
         }
 
@@ -204,7 +212,7 @@ class SessionManager:
         session = self._sessions.get(session_id)
         if session is None:
             return False
-        async with session.lock:
+        async with session.lock, self._backend.session_guard(session_id):
             session.closed = True  # calls queued on this session start over on a new one
             if self._sessions.get(session_id) is session:
                 del self._sessions[session_id]
@@ -232,7 +240,8 @@ class SessionManager:
                 break
             session.lock.release()
         try:
-            yield session
+            async with self._backend.session_guard(session_id):
+                yield session
         finally:
             session.lock.release()
 
@@ -374,12 +383,15 @@ class SessionManager:
                     await asyncio.shield(self._shut(kernel))  # never leak a claimed kernel
                     raise
             else:
-                connection = await self._backend.start_kernel(session.folder)
+                connection = await self._backend.open_kernel(session.id, session.folder)
                 kernel = self._supervise(connection, session.folder)
                 connection.assign(session.id)
         finally:
             self._starting -= 1
+        if connection.notice:  # the backend found the session's earlier kernel gone
+            self._tell_later(session, connection.notice)
         connection.on_orphan = lambda msg: self._on_background(session, msg)
+        connection.on_notice = lambda message: self._tell_later(session, message)
         session.kernel = kernel
         session.last_activity = time.monotonic()
         logger.info("session %s: kernel %s", session.id, kernel.kernel_id)
@@ -401,6 +413,11 @@ class SessionManager:
         kernel, session.kernel = session.kernel, None
         if kernel is None:
             return
+        if notice and self._backend.shared:
+            # Culled or evicted here, a shared kernel may serve other replicas: let go of it
+            # (it is stopped if idle on the gateway too); whoever finds it gone says so.
+            kernel.connection.keep_running = True
+            notice = None
         if notice:
             self._tell_later(session, notice)
         await self._shut(kernel)

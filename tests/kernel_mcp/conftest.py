@@ -1,4 +1,9 @@
-"""Live-kernel fixtures: every kernel a test starts is recorded and always shut down."""
+"""Live-kernel fixtures: every kernel a test starts is recorded and always shut down.
+
+Tests marked `gateway` run three times: on the local backend, on Jupyter Kernel Gateway
+and on Jupyter Enterprise Gateway (real gateways, see `gateways.py`), or on the gateways
+the marker names; the rest run locally. `backend_kind` names the backend of the current run.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +20,96 @@ import psutil
 import pytest
 
 from kernel_mcp.config import Settings
+from kernel_mcp.gateway_kernel import GatewayBackend, GatewayKernel
 from kernel_mcp.local_kernel import LocalBackend, LocalKernel
 from kernel_mcp.sandbox import SESSION_FOLDER
 from kernel_mcp.sessions import SessionManager
+
+from . import gateways
+from .gateways import Gateway
+
+LOCAL = "local"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("gateway")
+    if "backend_kind" in metafunc.fixturenames and marker is not None:
+        metafunc.parametrize("backend_kind", [LOCAL, *(marker.args or gateways.KINDS)])
+
+
+@pytest.fixture
+def backend_kind() -> str:
+    """The backend of this run: local unless the test is marked `gateway`."""
+    return LOCAL
+
+
+async def _start_gateway(kind: str, folder: Path) -> Gateway:
+    if not gateways.available(kind):
+        pytest.skip(f"{kind} virtualenv missing: run `make gateways`")
+    gateway = Gateway(kind, folder)
+    try:
+        await gateway.start()
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def gateway_folder() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ka-gw-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_gateways(gateway_folder: Path) -> Iterator[dict[str, Gateway]]:
+    """Gateways started on first use and kept for the whole run (kernels are per test)."""
+    started: dict[str, Gateway] = {}
+    yield started
+    for gateway in started.values():
+        gateway.stop()
+
+
+@pytest.fixture
+async def gateway(
+    backend_kind: str, shared_gateways: dict[str, Gateway], gateway_folder: Path
+) -> AsyncIterator[Gateway | None]:
+    """The gateway of this run (None when local); kernels the test left are deleted after."""
+    if backend_kind == LOCAL:
+        yield None
+        return
+    if backend_kind not in shared_gateways:
+        shared_gateways[backend_kind] = await _start_gateway(
+            backend_kind, gateway_folder / backend_kind
+        )
+    found = shared_gateways[backend_kind]
+    before = set(await found.kernels())
+    yield found
+    for kernel_id in set(await found.kernels()) - before:
+        await found.delete(kernel_id)
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: a gateway of the test's own (to kill and restart); stopped after the test."""
+    started: list[Gateway] = []
+
+    async def start(kind: str, port: int | None = None, token: str | None = None) -> Gateway:
+        gateway = Gateway(kind, tmp_path / f"{kind}-{len(started)}")
+        if port is not None:
+            gateway.port = port
+        if token is not None:
+            gateway.token = token
+        started.append(gateway)
+        if not gateways.available(kind):
+            pytest.skip(f"{kind} virtualenv missing: run `make gateways`")
+        await gateway.start()
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
 
 
 class RecordingBackend(LocalBackend):
@@ -47,8 +140,34 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+class RecordingGatewayBackend(GatewayBackend):
+    """The real gateway backend, remembering every kernel it starts or finds."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.kernels: list[GatewayKernel] = []
+        self.pids: set[int] = set()
+
+    async def start_kernel(self, cwd: Path, *, pooled: bool = False) -> GatewayKernel:
+        kernel = await super().start_kernel(cwd, pooled=pooled)
+        self.kernels.append(kernel)
+        return kernel
+
+    async def open_kernel(self, session_id: str, cwd: Path) -> GatewayKernel:
+        kernel = await super().open_kernel(session_id, cwd)
+        if kernel not in self.kernels:
+            self.kernels.append(kernel)
+        return kernel
+
+    def _remember(self, kernel: GatewayKernel) -> None:
+        return None
+
+
 @pytest.fixture
-def make_settings(short_tmp: Path) -> Callable[..., Settings]:
+def make_settings(short_tmp: Path, gateway: Gateway | None) -> Callable[..., Settings]:
+    # Each test its own kernel ids: derived ids must not meet another test's kernels.
+    namespace = uuid.uuid4()
+
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "workspace": short_tmp / "ws",
@@ -56,6 +175,8 @@ def make_settings(short_tmp: Path) -> Callable[..., Settings]:
             "pool_size": 0,
             "interrupt_grace": 1.0,
         }
+        if gateway is not None:
+            values.update(gateway.settings(), gateway_namespace=namespace)
         values.update(overrides)
         return Settings(**values)
 
@@ -67,11 +188,15 @@ async def start_manager(
     make_settings: Callable[..., Settings],
 ) -> AsyncIterator[Callable[..., Any]]:
     """Factory: start a SessionManager on real kernels; all are shut down after the test."""
-    started: list[tuple[SessionManager, RecordingBackend]] = []
+    started: list[tuple[SessionManager, Any]] = []
 
     async def start(**overrides: Any) -> SessionManager:
         settings = make_settings(**overrides)
-        backend = RecordingBackend(settings)
+        backend: Any = (
+            RecordingGatewayBackend(settings)
+            if settings.backend == "gateway"
+            else RecordingBackend(settings)
+        )
         manager = SessionManager(settings, backend)
         await manager.start()
         started.append((manager, backend))
@@ -136,7 +261,7 @@ class LiveText:
 
 def kernel_cwd(manager: SessionManager, session_id: str) -> str:
     """The session folder as its kernel sees it: a sandbox mounts it at SESSION_FOLDER."""
-    if manager.settings.sandbox == "bwrap":
+    if manager.settings.backend == "local" and manager.settings.sandbox == "bwrap":
         return SESSION_FOLDER
     return str(manager.settings.workspace / session_id)
 

@@ -14,6 +14,7 @@ from .conftest import LiveText, kernel_cwd, plain_of, text_of, wait_for_exit, wa
 pytestmark = pytest.mark.kernel
 
 
+@pytest.mark.gateway
 async def test_state_persists_across_executions(manager: SessionManager) -> None:
     first = await manager.execute("s1", "x = 41")
     second = await manager.execute("s1", "x + 1")
@@ -23,6 +24,7 @@ async def test_state_persists_across_executions(manager: SessionManager) -> None
     assert second.execution_count == first.execution_count + 1
 
 
+@pytest.mark.gateway
 async def test_user_exception_is_an_error_result(manager: SessionManager) -> None:
     result = await manager.execute("s1", "1 / 0")
     assert result.status == "error"
@@ -33,6 +35,7 @@ async def test_user_exception_is_an_error_result(manager: SessionManager) -> Non
     assert (await manager.execute("s1", "print('still here')")).status == "ok"
 
 
+@pytest.mark.gateway
 async def test_streams_are_merged_per_name(manager: SessionManager) -> None:
     code = "import sys\nfor i in range(3): print(i)\nsys.stderr.write('warn\\n')\nprint('end')"
     result = await manager.execute("s1", code)
@@ -41,6 +44,7 @@ async def test_streams_are_merged_per_name(manager: SessionManager) -> None:
     assert text_of(result.outputs, "stderr") == "warn\n"
 
 
+@pytest.mark.gateway
 async def test_matplotlib_figure_arrives_as_png(manager: SessionManager) -> None:
     code = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()"
     result = await manager.execute("s1", code, timeout=60)
@@ -62,6 +66,7 @@ async def test_dataframe_arrives_as_html(manager: SessionManager) -> None:
     assert "text/plain" in data
 
 
+@pytest.mark.gateway
 async def test_display_update_and_clear_output(manager: SessionManager) -> None:
     code = (
         "from IPython.display import display, clear_output\n"
@@ -78,6 +83,7 @@ async def test_display_update_and_clear_output(manager: SessionManager) -> None:
 
 # The 120 s execution deadline under test must fire before pytest-timeout's backstop.
 @pytest.mark.timeout(300)
+@pytest.mark.gateway
 async def test_huge_print_is_truncated_with_head_tail_and_marker(manager: SessionManager) -> None:
     code = "print('<head>' + 'y' * 50_000_000 + '<tail>')"
     result = await manager.execute("s1", code, timeout=120)
@@ -124,6 +130,7 @@ async def test_twenty_thousand_displays_are_all_accounted_for(manager: SessionMa
 
 # The 120 s execution deadline under test must fire before pytest-timeout's backstop.
 @pytest.mark.timeout(300)
+@pytest.mark.gateway
 async def test_truncated_displays_are_counted_in_the_marker(
     start_manager,
 ) -> None:
@@ -140,6 +147,7 @@ async def test_truncated_displays_are_counted_in_the_marker(
     assert shown[-1]["data"]["text/plain"] == "4999"
 
 
+@pytest.mark.gateway
 async def test_input_fails_at_once(manager: SessionManager) -> None:
     result = await manager.execute("s1", "input('name? ')", timeout=300)
     assert result.status == "error"
@@ -147,6 +155,7 @@ async def test_input_fails_at_once(manager: SessionManager) -> None:
     assert result.outputs[-1]["ename"] == "StdinNotImplementedError"
 
 
+@pytest.mark.gateway
 async def test_background_thread_output_is_reported_with_the_next_call(
     manager: SessionManager,
 ) -> None:
@@ -164,6 +173,7 @@ async def test_background_thread_output_is_reported_with_the_next_call(
     assert text_of(second.background_outputs) == "from the thread\n"
 
 
+@pytest.mark.gateway
 async def test_sessions_are_isolated(manager: SessionManager) -> None:
     await manager.execute("alice", "secret = 'a'\nopen('mine.txt', 'w').write('a')")
     result = await manager.execute(
@@ -201,6 +211,7 @@ async def test_ten_sessions_start_concurrently(manager: SessionManager) -> None:
     assert manager.stats()["kernels_running"] == 10
 
 
+@pytest.mark.gateway
 async def test_concurrent_calls_on_one_session_queue_in_order(manager: SessionManager) -> None:
     await manager.execute("s1", "log = []")
     codes = [
@@ -234,6 +245,7 @@ async def test_at_capacity_the_least_recently_used_idle_kernel_is_evicted(
     assert plain_of((await manager.execute("third", "2")).outputs) == "2"
 
 
+@pytest.mark.gateway
 async def test_at_capacity_with_every_kernel_busy_is_a_clear_error(start_manager) -> None:
     manager = await start_manager(max_kernels=1)
     live = LiveText()

@@ -18,6 +18,7 @@ RUNNING = "import time\nprint('running', flush=True)\ntime.sleep(3600)"
 pytestmark = pytest.mark.kernel
 
 
+@pytest.mark.gateway
 async def test_busy_loop_timeout_interrupts_and_keeps_state(manager: SessionManager) -> None:
     await manager.execute("s1", "kept = 'yes'")
     result = await manager.execute("s1", "print('before', flush=True)\nwhile True: pass", timeout=2)
@@ -28,6 +29,7 @@ async def test_busy_loop_timeout_interrupts_and_keeps_state(manager: SessionMana
     assert plain_of((await manager.execute("s1", "kept")).outputs) == "'yes'"
 
 
+@pytest.mark.gateway
 async def test_sleep_is_interrupted(manager: SessionManager) -> None:
     await manager.execute("s1", "kept = 1")
     result = await manager.execute("s1", "import time; time.sleep(3600)", timeout=1)
@@ -36,6 +38,7 @@ async def test_sleep_is_interrupted(manager: SessionManager) -> None:
     assert plain_of((await manager.execute("s1", "kept")).outputs) == "1"
 
 
+@pytest.mark.gateway
 async def test_code_ignoring_sigint_is_restarted(manager: SessionManager) -> None:
     await manager.execute("s1", "kept = 1")
     result = await manager.execute("s1", "sum(range(10**12))", timeout=1)
@@ -87,6 +90,7 @@ async def test_segfault_is_reported(manager: SessionManager) -> None:
     assert (await manager.execute("s1", "2 * 21")).status == "ok"
 
 
+@pytest.mark.gateway
 async def test_memory_bomb_is_a_memory_error_in_a_surviving_kernel(start_manager) -> None:
     manager: SessionManager = await start_manager(memory_limit_bytes=2 * 1024**3)
     await manager.execute("s1", "kept = 'still here'")
@@ -101,6 +105,7 @@ async def test_memory_bomb_is_a_memory_error_in_a_surviving_kernel(start_manager
     assert plain_of((await manager.execute("s1", "del chunks; kept")).outputs) == "'still here'"
 
 
+@pytest.mark.gateway
 async def test_interrupt_from_another_call(manager: SessionManager) -> None:
     live = LiveText()
     task = asyncio.create_task(manager.execute("s1", RUNNING, timeout=300, on_output=live))
@@ -123,6 +128,7 @@ async def test_restart_on_request_loses_state(manager: SessionManager) -> None:
     assert result.outputs[-1]["ename"] == "NameError"
 
 
+@pytest.mark.gateway
 async def test_cancelled_caller_interrupts_the_kernel(manager: SessionManager) -> None:
     await manager.execute("s1", "kept = 1")
     live = LiveText()

@@ -47,6 +47,7 @@ async def run(client: Client, code: str, **args: Any) -> Any:
     return await client.call_tool("execute_code", {"code": code, **args})
 
 
+@pytest.mark.gateway
 async def test_in_memory_tools_state_and_prompt(make_settings: Callable[..., Settings]) -> None:
     server = create_server(make_settings())
     async with Client(server, mode="legacy") as client:
@@ -247,6 +248,7 @@ async def test_health_reports_kernels(serve_http: Callable[..., Any]) -> None:
     assert "version" in health
 
 
+@pytest.mark.gateway
 async def test_live_output_arrives_during_a_slow_cell(serve_http: Callable[..., Any]) -> None:
     base = await serve_http()
     seen: list[tuple[float, str]] = []
@@ -267,6 +269,7 @@ async def test_live_output_arrives_during_a_slow_cell(serve_http: Callable[..., 
     assert "".join(m for _, m in seen).count("tick") == 3
 
 
+@pytest.mark.gateway
 async def test_cancelled_call_interrupts_the_kernel(serve_http: Callable[..., Any]) -> None:
     base = await serve_http()
     async with http_client(base, "c1") as client:

@@ -161,6 +161,7 @@ async def test_one_huge_write_stays_in_its_own_cell(manager: SessionManager) -> 
     assert after.background_outputs == []
 
 
+@pytest.mark.gateway
 async def test_an_interrupt_sent_before_the_cell_starts_is_not_lost(
     manager: SessionManager,
 ) -> None:
@@ -175,6 +176,7 @@ async def test_an_interrupt_sent_before_the_cell_starts_is_not_lost(
     assert plain_of((await manager.execute("s1", "kept")).outputs) == "1"
 
 
+@pytest.mark.gateway
 async def test_list_variables_runs_no_user_code(manager: SessionManager) -> None:
     code = (
         "import signal, time\n"
@@ -237,6 +239,7 @@ async def test_output_of_an_attached_client_is_not_the_sessions(manager: Session
     assert result.background_outputs == []
 
 
+@pytest.mark.gateway("kernel-gateway")  # shared Enterprise Gateway kernels have no pool
 async def test_execution_counts_start_at_one_and_internal_requests_leave_no_gap(
     start_manager,
 ) -> None:
