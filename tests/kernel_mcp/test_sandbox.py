@@ -34,7 +34,7 @@ from kernel_mcp.config import Settings
 from kernel_mcp.errors import SandboxUnavailable
 from kernel_mcp.sessions import SessionManager
 
-from .conftest import free_port, plain_of, text_of
+from .conftest import free_port, plain_of, text_of, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -362,6 +362,9 @@ async def test_double_forked_daemon_dies_with_restart_shutdown_and_death(
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     await _gone(marker)
+    kernel = manager.existing("s1").kernel
+    assert kernel is not None
+    await wait_until(lambda: kernel.state == "dead", "kernel_mcp to see the death")
 
     died = await manager.execute("s1", "1")
     assert died.status == "kernel_died"
