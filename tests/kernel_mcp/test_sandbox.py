@@ -342,9 +342,16 @@ async def _start_daemon(manager: SessionManager, session_id: str) -> str:
     return marker
 
 
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # exited between the listing and the look
+        return False
+
+
 async def _gone(marker: str) -> None:
     deadline = time.monotonic() + DEADLINE
-    while survivors := [p for p in _processes_with(marker) if p.status() != "zombie"]:
+    while survivors := [p for p in _processes_with(marker) if _alive(p)]:
         assert time.monotonic() < deadline, f"daemon survived: {survivors}"
         await asyncio.sleep(0.05)
 
