@@ -21,10 +21,10 @@ from openai import AsyncOpenAI
 
 from agent_service.app import create_app
 from agent_service.config import Settings as AgentSettings
+from kernel_agent_pytest.scripted_llm import ScriptedLLM
 from kernel_mcp.config import Settings as KernelSettings
 from kernel_mcp.server import create_server
 from tests.kernel_mcp.conftest import free_port
-from tests.support.fake_llm import FakeLLM
 
 
 class RunningServer:
@@ -61,7 +61,7 @@ class RunningServer:
 
 @dataclass
 class Stack:
-    llm: FakeLLM
+    llm: ScriptedLLM
     kernel_mcp: RunningServer
     agent: RunningServer
     agent_settings: AgentSettings
@@ -101,14 +101,14 @@ def _kernel_app(settings: KernelSettings) -> Any:
 
 @pytest.fixture
 async def start_stack() -> AsyncIterator[Callable[..., Any]]:
-    """Factory: kernel_mcp + agent_service + FakeLLM; everything stopped after the test."""
+    """Factory: kernel_mcp + agent_service + ScriptedLLM; everything stopped after the test."""
     stacks: list[Stack] = []
     roots: list[Path] = []
 
     async def start(model: str | None = "hosted_vllm/fake", **agent_overrides: Any) -> Stack:
         root = Path(tempfile.mkdtemp(prefix="ka-"))
         roots.append(root)
-        llm = FakeLLM()
+        llm = ScriptedLLM()
         await llm.__aenter__()
         kernel_settings = KernelSettings(
             workspace=root / "ws", runtime_dir=root / "rt", pool_size=1, interrupt_grace=1.0

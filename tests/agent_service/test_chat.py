@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.support.fake_llm import Error, MidStreamError, Stall, Text, ToolCall, ToolCalls
+from kernel_agent_pytest.scripted_llm import Error, MidStreamError, Stall, Text, ToolCall, ToolCalls
 
 from .conftest import Stack
 
@@ -483,7 +483,7 @@ async def test_tool_rounds_are_bounded(start_stack) -> None:
 
 
 async def test_invalid_tool_arguments_are_fed_back(stack: Stack) -> None:
-    from tests.support.fake_llm import ToolCall as Call
+    from kernel_agent_pytest.scripted_llm import ToolCall as Call
 
     stack.llm.script(Call("execute_code", "{not json"), Text("Sorry."))
     content, _ = await stream_turn(stack, "badargs-1", "go")

@@ -12,7 +12,7 @@ import litellm
 import pytest
 
 from agent_service.store import Event
-from tests.support.fake_llm import Gate, Hold, Text, ToolCall
+from kernel_agent_pytest.scripted_llm import Gate, Hold, Text, ToolCall
 
 from .conftest import Stack
 from .test_chat import stream_turn

@@ -17,8 +17,8 @@ import pytest
 
 from agent_service.notebook import build_notebook, validate
 from agent_service.sqlite_store import SqliteStore
+from kernel_agent_pytest.scripted_llm import Text, ToolCall
 from tests.kernel_mcp.conftest import free_port
-from tests.support.fake_llm import Text, ToolCall
 
 from .conftest import Stack
 from .test_chat import stream_turn

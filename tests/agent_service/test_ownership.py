@@ -9,7 +9,7 @@ import pytest
 from openai import NotFoundError
 
 from agent_service.security import ImageLinks
-from tests.support.fake_llm import Text, ToolCall
+from kernel_agent_pytest.scripted_llm import Text, ToolCall
 
 from .conftest import Stack
 

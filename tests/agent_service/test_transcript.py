@@ -15,7 +15,7 @@ import httpx
 import nbformat
 import pytest
 
-from tests.support.fake_llm import Text, ToolCall
+from kernel_agent_pytest.scripted_llm import Text, ToolCall
 
 from .conftest import Stack
 from .test_chat import stream_turn

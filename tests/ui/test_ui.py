@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from playwright.async_api import expect
 
-from tests.support.fake_llm import Error, Stall, Text, ToolCall, ToolCalls
+from kernel_agent_pytest.scripted_llm import Error, Stall, Text, ToolCall, ToolCalls
 
 from .conftest import TIMEOUT_MS, Stack, Ui
 
