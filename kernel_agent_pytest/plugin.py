@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from . import hookspecs
-from .processes import KernelProcess, LeakTracker, describe, kernel_processes, kill
+from .processes import KernelProcess, LeakTracker, Snapshot, describe, kernel_processes, kill
 from .skills import KERNEL_FOR_SKILL, SkillFile
 
 if TYPE_CHECKING:
@@ -341,7 +341,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
 def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: Any) -> Iterator[Any]:
     if fixturedef.scope == "function" or not _leak_check(request.config):
         return (yield)
-    before = kernel_processes()
+    before = Snapshot.now()
     try:
         return (yield)
     finally:

@@ -2,8 +2,9 @@
 
 A kernel process is a live descendant of the pytest process whose command line runs
 ipykernel (jupyter_client's `ipykernel_launcher`, kernel_mcp's `_kernel_launcher.py`, or
-bwrap around either). Processes are keyed by pid and start time, so a reused pid is a
-different process.
+bwrap around either). Its *root* is its ancestor that is a direct child of pytest: the
+kernel itself (or its bwrap) when pytest started it, or a server process that did.
+Processes are keyed by pid and start time, so a reused pid is a different process.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class KernelProcess:
     pid: int
     created: float
     cmdline: tuple[str, ...]
+    root: Key
+    """The key of its ancestor that is a direct child of this process."""
 
     @property
     def key(self) -> Key:
@@ -40,9 +43,10 @@ class KernelProcess:
 
 def kernel_processes() -> dict[Key, KernelProcess]:
     """Every running kernel process started (directly or not) by this process."""
+    me = os.getpid()
     found: dict[Key, KernelProcess] = {}
     try:
-        children = psutil.Process(os.getpid()).children(recursive=True)
+        children = psutil.Process(me).children(recursive=True)
     except psutil.Error:
         return found
     for child in children:
@@ -50,13 +54,44 @@ def kernel_processes() -> dict[Key, KernelProcess]:
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue
             cmdline = tuple(child.cmdline())
-            created = child.create_time()
+            if not any(marker in arg for arg in cmdline for marker in _MARKERS):
+                continue
+            root = child
+            for ancestor in child.parents():
+                if ancestor.pid == me:
+                    break
+                root = ancestor
+            process = KernelProcess(child.pid, child.create_time(), cmdline, _key(root))
         except psutil.Error:
             continue
-        if any(marker in arg for arg in cmdline for marker in _MARKERS):
-            process = KernelProcess(child.pid, created, cmdline)
-            found[process.key] = process
+        found[process.key] = process
     return found
+
+
+def child_processes() -> set[Key]:
+    """The processes this process started itself (kernels, servers, anything)."""
+    keys = set()
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(os.getpid()).children():
+            with contextlib.suppress(psutil.Error):
+                keys.add(_key(child))
+    return keys
+
+
+def _key(process: psutil.Process) -> Key:
+    return (process.pid, process.create_time())
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The kernels and direct children of this process at one moment."""
+
+    kernels: dict[Key, KernelProcess]
+    children: set[Key]
+
+    @classmethod
+    def now(cls) -> Snapshot:
+        return cls(kernel_processes(), child_processes())
 
 
 def running(processes: Iterable[KernelProcess]) -> list[KernelProcess]:
@@ -98,34 +133,40 @@ def kill(processes: Iterable[KernelProcess], within: float = 5.0) -> list[Kernel
 class LeakTracker:
     """Finds kernel processes a test, or a fixture wider than a test, left running.
 
-    Kernels are told apart by who started them: those started while a test ran must be gone
-    when its teardown ends; those started while a module- or session-scoped fixture was set
-    up must be gone when that fixture is finalized. Kernels `owned` says belong to the
-    plugin's own long-lived fixtures are stopped at the end of their scope instead.
+    A kernel is a test's when its root (see the module docstring) was started while the test
+    ran: it must be gone when the test's teardown ends. Kernels under processes that ran
+    before the test (a server subprocess of a session fixture, say) are not the test's.
+    Kernels and processes started while a module- or session-scoped fixture was set up are
+    that fixture's: its kernels must be gone when it is finalized. Kernels `owned` says are
+    the plugin's own, stopped with its fixtures.
     """
 
     def __init__(self, owned: Callable[[KernelProcess], bool], grace: float = 5.0) -> None:
         self._owned = owned
         self._grace = grace
-        self._before: dict[Key, KernelProcess] = {}
+        self._roots: set[Key] = set()
+        self._fixture_roots: dict[Key, int] = {}
         self._by_fixture: dict[Key, tuple[int, str]] = {}
         self.fixture_leaks: list[tuple[str, list[KernelProcess]]] = []
 
     def begin_test(self) -> None:
-        self._before = kernel_processes()
+        self._roots = child_processes()
 
-    def fixture_started(self, fixture: int, name: str, before: dict[Key, KernelProcess]) -> None:
-        """A wide-scoped fixture was set up: kernels new since `before` are its own.
+    def fixture_started(self, fixture: int, name: str, before: Snapshot) -> None:
+        """A wide-scoped fixture was set up: what started since `before` is its own.
 
         Args:
             fixture: an id of the fixture definition; name: its name, for the report.
         """
+        for key in child_processes() - before.children:
+            self._fixture_roots[key] = fixture
         for key, process in kernel_processes().items():
-            if key not in before and not self._owned(process):
+            if key not in before.kernels and not self._owned(process):
                 self._by_fixture[key] = (fixture, name)
 
     def fixture_finished(self, fixture: int, name: str) -> None:
         """A fixture was finalized: any kernel it started and left running is a leak."""
+        self._fixture_roots = {k: f for k, f in self._fixture_roots.items() if f != fixture}
         keys = [key for key, (owner, _) in self._by_fixture.items() if owner == fixture]
         if not keys:
             return
@@ -143,11 +184,13 @@ class LeakTracker:
 
     def end_test(self) -> list[KernelProcess]:
         """After a test's teardown: the kernels it started that still run, now killed."""
-        current = kernel_processes()
         left = [
             process
-            for key, process in current.items()
-            if key not in self._before and key not in self._by_fixture and not self._owned(process)
+            for key, process in kernel_processes().items()
+            if process.root not in self._roots
+            and process.root not in self._fixture_roots
+            and key not in self._by_fixture
+            and not self._owned(process)
         ]
         return self._stop(left)
 
