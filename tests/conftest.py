@@ -1,4 +1,8 @@
-"""Suite-wide setup: offline litellm, no real LLM provider unless a test is marked `llm`."""
+"""Suite-wide setup: offline litellm, no real LLM provider unless a test is marked `llm`.
+
+Kernels, servers, the scripted LLM, the markers and the skipping of `llm` tests without a
+provider key come from our pytest plugin (kernel_agent_pytest), as for any user.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +18,6 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
-
-_PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    has_key = any(os.environ.get(k) for k in _PROVIDER_KEYS)
-    skip = pytest.mark.skip(reason="needs a real LLM provider key (OPENAI_API_KEY, ...)")
-    for item in items:
-        if "llm" in item.keywords and not has_key:
-            item.add_marker(skip)
 
 
 class RealProviderCall(RuntimeError):

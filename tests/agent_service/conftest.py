@@ -1,13 +1,12 @@
-"""The whole stack on 127.0.0.1: kernel_mcp and agent_service over real HTTP, a scripted LLM."""
+"""The whole stack on 127.0.0.1 (the kernel_agent plugin's `agent_factory`), and agent_service
+as a process of its own for the signal tests."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -16,133 +15,39 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from openai import AsyncOpenAI
 
-from agent_service.app import create_app
-from agent_service.config import Settings as AgentSettings
-from kernel_agent_pytest.scripted_llm import ScriptedLLM
-from kernel_mcp.config import Settings as KernelSettings
-from kernel_mcp.server import create_server
+from kernel_agent_pytest import AgentStack
 from tests.kernel_mcp.conftest import free_port
 
-
-class RunningServer:
-    """A uvicorn server running as a task of the test's event loop."""
-
-    def __init__(self, app: Any, port: int | None = None) -> None:
-        self.app = app
-        self.port = port or free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-            )
-        )
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self) -> RunningServer:
-        self.task = asyncio.create_task(self.server.serve())
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert not self.task.done(), "the server failed to start"
-            assert time.monotonic() < deadline, "the server did not start in 30 s"
-            await asyncio.sleep(0.01)
-        return self
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        if self.task is not None:
-            await asyncio.wait_for(self.task, 30)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@dataclass
-class Stack:
-    llm: ScriptedLLM
-    kernel_mcp: RunningServer
-    agent: RunningServer
-    agent_settings: AgentSettings
-    root: Path
-    kernel_settings: KernelSettings
-
-    @property
-    def services(self) -> Any:
-        """The running agent service's shared parts (to inject faults in-process)."""
-        return self.agent.app.state.services
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.agent.url}/v1"
-
-    def client(self, **kwargs: Any) -> AsyncOpenAI:
-        kwargs.setdefault("api_key", "unused")
-        return AsyncOpenAI(base_url=self.base_url, **kwargs)
-
-    async def restart_agent(self, **overrides: Any) -> None:
-        """Stop the agent service and start a new one on the same data."""
-        await self.agent.stop()
-        settings = self.agent_settings.model_copy(update=overrides)
-        self.agent = await RunningServer(create_app(settings)).start()
-
-    async def restart_kernel_mcp(self) -> None:
-        """Stop kernel_mcp (its kernels with it) and start a new one on the same port."""
-        await self.kernel_mcp.stop()
-        self.kernel_mcp = await RunningServer(
-            _kernel_app(self.kernel_settings), self.kernel_mcp.port
-        ).start()
-
-
-def _kernel_app(settings: KernelSettings) -> Any:
-    return create_server(settings).http_app(path="/mcp", host_origin_protection=True)
+# The stack's type under the name this suite's tests use.
+Stack = AgentStack
 
 
 @pytest.fixture
-async def start_stack() -> AsyncIterator[Callable[..., Any]]:
-    """Factory: kernel_mcp + agent_service + ScriptedLLM; everything stopped after the test."""
-    stacks: list[Stack] = []
-    roots: list[Path] = []
+def start_stack(agent_factory: Callable[..., AgentStack]) -> Callable[..., AgentStack]:
+    """Factory: the plugin's whole stack with this suite's defaults; stopped after the test.
 
-    async def start(model: str | None = "hosted_vllm/fake", **agent_overrides: Any) -> Stack:
-        root = Path(tempfile.mkdtemp(prefix="ka-"))
-        roots.append(root)
-        llm = ScriptedLLM()
-        await llm.__aenter__()
-        kernel_settings = KernelSettings(
-            workspace=root / "ws", runtime_dir=root / "rt", pool_size=1, interrupt_grace=1.0
-        )
-        kernel = await RunningServer(_kernel_app(kernel_settings)).start()
+    Two provider retries and a 10 s model deadline (the retry and timeout tests rely on
+    them), the web page on, interrupts given 1 s.
+    """
+
+    def start(model: str | None = "hosted_vllm/fake", **agent_overrides: Any) -> AgentStack:
         values: dict[str, Any] = {
-            "mcp_url": f"{kernel.url}/mcp",
             "model": model,
-            "api_base": llm.base_url,
-            "data_dir": root / "data",
-            "notebooks_dir": root / "notebooks",
             "llm_retries": 2,
             "llm_timeout": 10,
+            "ui": True,
+            **agent_overrides,
         }
-        values.update(agent_overrides)
-        agent_settings = AgentSettings(**values)
-        agent = await RunningServer(create_app(agent_settings)).start()
-        stack = Stack(llm, kernel, agent, agent_settings, root, kernel_settings)
-        stacks.append(stack)
-        return stack
+        return agent_factory(kernel_mcp={"interrupt_grace": 1.0}, **values)
 
-    yield start
-    for stack in stacks:
-        await stack.agent.stop()
-        await stack.kernel_mcp.stop()
-        await stack.llm.__aexit__(None, None, None)
-    for root in roots:
-        shutil.rmtree(root, ignore_errors=True)
+    return start
 
 
 @pytest.fixture
-async def stack(start_stack: Callable[..., Any]) -> Stack:
-    result: Stack = await start_stack()
-    return result
+def stack(start_stack: Callable[..., AgentStack]) -> AgentStack:
+    return start_stack()
 
 
 @dataclass
@@ -171,7 +76,7 @@ class AgentProcess:
 
 
 @pytest.fixture
-async def agent_process(stack: Stack) -> AsyncIterator[Callable[..., Any]]:
+async def agent_process(stack: AgentStack) -> AsyncIterator[Callable[..., Any]]:
     """Factory: agent_service in a subprocess on the stack's kernel_mcp, LLM and data."""
     started: list[AgentProcess] = []
 
@@ -181,7 +86,7 @@ async def agent_process(stack: Stack) -> AsyncIterator[Callable[..., Any]]:
         values = {
             **os.environ,
             "AGENT_PORT": str(port),
-            "AGENT_MCP_URL": f"{stack.kernel_mcp.url}/mcp",
+            "AGENT_MCP_URL": stack.kernel_mcp.url,
             "AGENT_MODEL": "hosted_vllm/fake",
             "AGENT_API_BASE": stack.llm.base_url,
             "AGENT_DATA_DIR": str(stack.root / "process-data"),

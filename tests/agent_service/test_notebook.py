@@ -40,7 +40,7 @@ async def on_disk(path: Path, code_cells: int, within: float = 10) -> nbformat.N
 
 
 async def _notebook(stack: Stack, session: str) -> tuple[httpx.Response, nbformat.NotebookNode]:
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.get(f"/v1/sessions/{session}/notebook")
     assert response.status_code == 200, response.text
     return response, nbformat.reads(response.text, as_version=4)
@@ -138,7 +138,7 @@ async def test_notebook_file_is_never_half_written(stack: Stack) -> None:
 
 
 async def test_unknown_session_notebook_is_404(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.get("/v1/sessions/missing/notebook")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "session_not_found"
@@ -231,7 +231,7 @@ async def test_user_messages_render_as_written(stack: Stack) -> None:
     )
     stack.llm.script(Text("Sure."))
     await stream_turn(stack, "nb-literal", message)
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.get("/v1/sessions/nb-literal/notebook")
     notebook = nbformat.reads(response.text, as_version=4)
     source = notebook.cells[0].source
@@ -247,7 +247,7 @@ async def test_user_messages_render_as_written(stack: Stack) -> None:
 async def test_attach_to_the_session_kernel_from_its_connection_file(stack: Stack) -> None:
     stack.llm.script(ToolCall("execute_code", {"code": "secret = 'from the agent'"}), Text("Set."))
     await stream_turn(stack, "nb-attach", "set a variable")
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         info = (await http.get("/v1/sessions/nb-attach/kernel")).json()
     assert info["console_command"] == f"jupyter console --existing {info['connection_file']}"
     from jupyter_client.asynchronous import AsyncKernelClient

@@ -45,7 +45,7 @@ class Ui:
         self._shots = 0
 
     async def open(self) -> Ui:
-        await self.check("the page loads", self.page.goto(f"{self.stack.agent.url}/ui/"))
+        await self.check("the page loads", self.page.goto(f"{self.stack.url}/ui/"))
         await self.see("#about", "kernels")
         return self
 
