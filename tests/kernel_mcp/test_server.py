@@ -369,7 +369,7 @@ async def test_modern_clients_list_skills_through_the_extension(
 ) -> None:
     from fastmcp.skills import SkillsClientExtension
 
-    base = await serve_http()
+    base = serve_http()
     transport = StreamableHttpTransport(f"{base}/mcp")
     async with Client(transport, extensions=[SkillsClientExtension()]) as client:
         assert client.protocol_version == "2026-07-28"
@@ -381,7 +381,7 @@ async def test_modern_clients_list_skills_through_the_extension(
 async def test_readme_example_with_the_official_sdk(serve_http: Callable[..., Any]) -> None:
     from mcp import Client as SdkClient
 
-    base = await serve_http()
+    base = serve_http()
     async with SdkClient(f"{base}/mcp") as client:
         handle = (await client.call_tool("new_session", {})).structured_content["session"]
         await client.call_tool("execute_code", {"code": "kept = 41", "session": handle})
