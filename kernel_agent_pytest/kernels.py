@@ -17,7 +17,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -293,9 +293,11 @@ class KernelFactory:
     under a kernel layer of its own.
     """
 
-    def __init__(self, host: KernelHost, manager: Any, settings: Settings) -> None:
+    def __init__(
+        self, host: KernelHost, shared: Callable[[], SessionManager], settings: Settings
+    ) -> None:
         self._host = host
-        self._shared = manager  # a callable returning the shared SessionManager, started lazily
+        self._shared = shared  # returns the shared SessionManager, started on first use
         self._settings = settings
         self._kernels: list[Kernel] = []
         self._own_managers: list[SessionManager] = []

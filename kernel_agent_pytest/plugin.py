@@ -90,7 +90,7 @@ class KernelAgentState:
     def owns(self, process: KernelProcess) -> bool:
         """A kernel of the plugin's own (its files are under the plugin's folder)."""
         root = self._root
-        return root is not None and any(str(root) in arg for arg in process.cmdline)
+        return root is not None and any(f"{root}/" in arg for arg in process.cmdline)
 
     def base_settings(self) -> Settings:
         """The kernel layer's settings for the plugin's kernels: production defaults (the

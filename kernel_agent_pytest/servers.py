@@ -259,6 +259,12 @@ class AgentStack:
         self._clients: list[Any] = []
 
     def start(self) -> AgentStack:
+        # Imported whole here, before agent_service's warm-up imports litellm in a thread of
+        # its own: openai reads sys.modules["httpx"] directly, and a test building a client
+        # meanwhile would find it half-imported.
+        import httpx  # noqa: F401
+        import openai  # noqa: F401
+
         try:
             self.llm.start()
             self.kernel_mcp.start()

@@ -305,7 +305,7 @@ async def test_jupyter_server_lists_session_kernels(stack: Stack, tmp_path: Path
         assert kernels is not None, "jupyter server did not start"
         assert len(kernels) == 1, "the session kernel, and not the pool's"
         # Listed under the name the agent's kernel endpoint reports for the session.
-        async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        async with httpx.AsyncClient(base_url=stack.url) as http:
             reported = (await http.get("/v1/sessions/nb-lab/kernel")).json()
         assert reported["kernel_name"] == "kernel-agent-nb-lab"
         assert kernels[0]["name"] == reported["kernel_name"]
@@ -318,9 +318,9 @@ async def test_reading_the_kernel_of_a_chat_only_session_starts_nothing(stack: S
     stack.llm.script(Text("Just words."))
     await stream_turn(stack, "nb-chat-only", "hello")
     async with httpx.AsyncClient() as http:
-        health = f"{stack.kernel_mcp.url}/health"
+        health = f"{stack.kernel_mcp.base_url}/health"
         before = (await http.get(health)).json()["kernels_running"]
-        response = await http.get(f"{stack.agent.url}/v1/sessions/nb-chat-only/kernel")
+        response = await http.get(f"{stack.url}/v1/sessions/nb-chat-only/kernel")
         after = (await http.get(health)).json()["kernels_running"]
     assert response.status_code == 200
     assert response.json()["running"] is False
