@@ -112,17 +112,17 @@ class TurnSpec:
 
 
 def kernel_identity(info: dict[str, Any] | None) -> str | None:
-    """Which kernel incarnation a result names: the one place that knows where it comes from.
+    """Which kernel incarnation `kernel_info` names: the one place that knows where it comes from.
 
-    Today it is `kernel_info`'s `kernel_id` and `pid` (a restart keeps the id, not the pid;
-    a new kernel_mcp gives new ids). When execute_code's typed result carries the kernel
-    incarnation (issue 17), read that field here and the per-turn kernel_info call goes.
+    kernel_mcp's `incarnation` changes whenever the process holding the state is replaced
+    (restart, death, culling, a new kernel_mcp), on a gateway too, where kernels have no pid
+    and a restart keeps the kernel id.
     """
     if info and info.get("running") is False:
         return NO_KERNEL
-    if not info or not info.get("kernel_id"):
+    if not info or not info.get("incarnation"):
         return None
-    return f"{info['kernel_id']}:{info.get('pid')}"
+    return str(info["incarnation"])
 
 
 NO_KERNEL = "none"
@@ -376,6 +376,10 @@ class Agent:
             return
         now = await self._identity(kernel)
         if now is None or now == known:
+            return
+        if ":" in known and now != NO_KERNEL:
+            # Recorded by a version before incarnations ("kernel_id:pid"): not comparable.
+            self.store.update_session(t.sid, kernel_identity=now)
             return
         logger.info("session %s: kernel changed (%s -> %s)", t.sid, known, now)
         # No kernel yet: the one this turn starts is recorded once it runs.
