@@ -245,7 +245,7 @@ class ScriptedLLM:
     def last_request(self) -> dict[str, Any]:
         return self.requests[-1]
 
-    async def wait_for_requests(self, count: int, within: float = 5.0) -> list[dict[str, Any]]:
+    async def wait_for_requests(self, count: int, within: float = 60.0) -> list[dict[str, Any]]:
         """Wait until at least `count` requests have arrived; return the recorded bodies.
 
         Raises:

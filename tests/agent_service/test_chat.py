@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import pytest
 
 from kernel_agent_pytest.scripted_llm import Error, MidStreamError, Stall, Text, ToolCall, ToolCalls
+from tests.kernel_mcp.conftest import wait_until
 
 from .conftest import Stack
 
@@ -125,11 +127,12 @@ async def test_tool_call_arguments_fragmented_and_parallel(stack: Stack) -> None
 
 
 async def test_concurrent_turn_gets_409(stack: Stack) -> None:
-    stack.llm.script(ToolCall("execute_code", {"code": "import time; time.sleep(2)"}), Text("ok"))
+    # The first turn's code runs until the test lets it go: the 409 cannot come after it.
+    wait = "import os, time\nwhile not os.path.exists('go'):\n    time.sleep(0.02)"
+    stack.llm.script(ToolCall("execute_code", {"code": wait}), Text("ok"))
     client = stack.new_async_client(max_retries=3)
-    first = asyncio.create_task(stream_turn(stack, "busy-1", "sleep"))
+    first = asyncio.create_task(stream_turn(stack, "busy-1", "wait"))
     await stack.llm.wait_for_requests(1)
-    await asyncio.sleep(0.3)
     from openai import ConflictError
 
     with pytest.raises(ConflictError) as info:
@@ -140,6 +143,13 @@ async def test_concurrent_turn_gets_409(stack: Stack) -> None:
         )
     assert info.value.code == "session_busy"
     assert info.value.response.headers["x-should-retry"] == "false"
+    workspace = stack.kernel_settings.workspace
+
+    def folders() -> list[Path]:
+        return [p for p in workspace.glob("*") if p.is_dir() and not p.name.startswith(".")]
+
+    await wait_until(lambda: len(folders()) == 1, "the session's folder")
+    (folders()[0] / "go").touch()
     content, _ = await first
     assert content.endswith("ok")
     assert len(stack.llm.requests) == 2, "the SDK did not retry the 409"
