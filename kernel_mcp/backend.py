@@ -86,6 +86,11 @@ class KernelConnection(abc.ABC):
         """The kernel process has exited (or a restart failed) and no new one runs yet."""
         return False
 
+    async def ready(self) -> None:
+        """Awaited before each request is sent: a connection that must catch up first (a
+        gateway kernel another client restarted) does so here."""
+        return None
+
     @abc.abstractmethod
     def execute(self, code: str, listener: ExecutionListener, *, silent: bool = False) -> str:
         """Send an execute request (stdin disabled); returns its msg_id."""
@@ -145,6 +150,16 @@ class KernelBackend(abc.ABC):
     def session_guard(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Held around each call on a session; a shared backend serializes them across replicas."""
         return contextlib.nullcontext()
+
+    async def interrupt_session(self, session_id: str) -> bool:
+        """Interrupt the session's kernel held by no kernel of this replica (a shared
+        backend reaches the one another replica runs); False when there is none."""
+        return False
+
+    async def restart_session(self, session_id: str) -> bool:
+        """Restart the session's kernel held by no kernel of this replica, without waiting for
+        the session's lock (a call may hang in it); False when there is none."""
+        return False
 
     @abc.abstractmethod
     async def close(self) -> None:

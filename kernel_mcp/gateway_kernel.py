@@ -102,6 +102,9 @@ class GatewayKernel(KernelConnection):
         self._dead = False
         self._closing = False
         self._replaced = False
+        self._restart_told = False  # calls running at another client's restart were told
+        self._resync = False  # another client restarted the kernel: handshake before sending
+        self._handshaking = False
         """The gateway (or another client) already put a new process behind this id."""
         self._process: str | None = None
         """Session id of the kernel process we talk to: every message it sends carries it."""
@@ -153,6 +156,7 @@ class GatewayKernel(KernelConnection):
         probe = ReadyProbe()
         sent: list[str] = []
         interval = 0.1
+        self._handshaking = True
         try:
             while loop.time() < deadline:
                 if self._dead or probe.lost:
@@ -163,10 +167,14 @@ class GatewayKernel(KernelConnection):
                     await asyncio.wait_for(probe.done.wait(), interval)
                 if probe.ready is not None:
                     self._language_info = probe.ready["content"].get("language_info", {})
-                    self._process = probe.ready["header"].get("session")
+                    process = probe.ready["header"].get("session")
+                    if self._process is not None and process and process != self._process:
+                        self._new_process(process)  # restarted while we were not looking
+                    self._process = process
                     return
                 interval = min(interval * 2, 1.0)
         finally:
+            self._handshaking = False
             for msg_id in sent:
                 self._listeners.pop(msg_id, None)
         raise KernelStartError(f"kernel {self.kernel_id} did not become ready in {timeout:.0f} s")
@@ -174,6 +182,11 @@ class GatewayKernel(KernelConnection):
     @property
     def dead(self) -> bool:
         return self._dead
+
+    async def ready(self) -> None:
+        if self._resync and not self._dead:
+            self._resync = False
+            await self._wait_ready(self._settings.startup_timeout)
 
     async def restart(self, cwd: Path) -> None:
         # Called only by the kernel's supervisor, one at a time, never cancelled half-way.
@@ -374,17 +387,27 @@ class GatewayKernel(KernelConnection):
             self._replaced = state != "dead"
             self._mark_dead(f"kernel {self.kernel_id}: the gateway reports it {state}")
             return
-        if channel == "iopub" and msg_type == "shutdown_reply" and not content.get("restart"):
-            # The kernel tells every client it is being shut down (a DELETE, the gateway's
-            # culler); the WebSocket may stay open after it is gone.
-            self._mark_dead(f"kernel {self.kernel_id} is being shut down by the gateway")
+        if channel == "iopub" and msg_type == "shutdown_reply":
+            if not content.get("restart"):
+                # The kernel tells every client it is being shut down (a DELETE, the gateway's
+                # culler); the WebSocket may stay open after it is gone.
+                self._mark_dead(f"kernel {self.kernel_id} is being shut down by the gateway")
+            elif not self._handshaking:
+                # (While handshaking, it is a restart's message the server replays to our
+                # reconnected WebSocket; the handshake itself sees a new process.)
+                # Another client (a replica's restart_kernel) restarts it: what the old
+                # process runs never replies, and those calls are told. This WebSocket's
+                # IOPub may miss the new process's first messages: resync before sending.
+                self._restart_told = bool(self._listeners)
+                self._lose_all(Loss.RESTARTED)
+                self._resync = True
             return
+        parent = msg.get("parent_header") or {}
+        parent_id = parent.get("msg_id")
         process = header.get("session")
         known = self._process
         if known is not None and process and process != known and channel in ("iopub", "shell"):
             self._new_process(process)
-        parent = msg.get("parent_header") or {}
-        parent_id = parent.get("msg_id")
         listener = self._listeners.get(parent_id) if parent_id else None
         if listener is None:
             if (
@@ -407,13 +430,14 @@ class GatewayKernel(KernelConnection):
     def _new_process(self, process: str) -> None:
         """Another client (a replica) restarted the kernel: requests sent since run there."""
         self._process = process
+        told, self._restart_told = self._restart_told, False
         known = self._record.read() if self._record is not None else None
         if known is not None and known.get("process") == process:
             self.generation = int(known.get("generation", self.generation + 1))
         else:
             self.generation += 1
         logger.warning("kernel %s was restarted by another client", self.kernel_id)
-        if self.on_notice is not None:
+        if self.on_notice is not None and not told:
             self.on_notice(
                 "The kernel was restarted by another client of the gateway (another kernel_mcp "
                 "replica, or its restart_kernel) before this call; variables defined earlier "
@@ -511,6 +535,33 @@ class GatewayBackend(KernelBackend):
         if not self.shared:
             return contextlib.nullcontext()
         return self._record(session_id).locked()
+
+    async def interrupt_session(self, session_id: str) -> bool:
+        kernel_id = await self._shared_kernel(session_id)
+        if kernel_id is None:
+            return False
+        await self.post_action(kernel_id, "interrupt")
+        return True
+
+    async def restart_session(self, session_id: str) -> bool:
+        kernel_id = await self._shared_kernel(session_id)
+        if kernel_id is None:
+            return False
+        record = self._record(session_id)
+        known = record.read() or {}
+        await self.post_action(kernel_id, "restart")
+        # Restarted on purpose: the replica that opens it next starts the next generation
+        # without a notice (a record without "process"); one holding it sees the new process.
+        record.write({"kernel_id": kernel_id, "generation": int(known.get("generation", 0))})
+        logger.info("session %s: kernel %s restarted through REST", session_id, kernel_id)
+        return True
+
+    async def _shared_kernel(self, session_id: str) -> str | None:
+        """The id of the session's kernel on the gateway, if shared and running there."""
+        if not self.shared:
+            return None
+        kernel_id = derived_kernel_id(self.settings.gateway_namespace, session_id)
+        return kernel_id if await self.exists(kernel_id) else None
 
     # -- starting -------------------------------------------------------------
 

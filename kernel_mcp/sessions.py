@@ -286,9 +286,10 @@ class SessionManager:
 
     async def interrupt(self, session_id: str) -> bool:
         """Interrupt the running code; False when the session has no kernel."""
-        session = self.existing(session_id)
-        if session.kernel is None or session.kernel.closed:
-            return False
+        session = self._sessions.get(session_id)
+        if session is None or session.kernel is None or session.kernel.closed:
+            # A shared backend: another replica may be running this session's code.
+            return await self._backend.interrupt_session(session_id)
         await session.kernel.interrupt()
         return True
 
@@ -306,6 +307,10 @@ class SessionManager:
                 session.notice = None  # the caller asked for it and is told by the tool
                 session.last_activity = time.monotonic()
                 return
+        if await self._backend.restart_session(session_id):
+            # Restarted where it runs (another replica may hold it, or a cell hang in it).
+            session.notice = None
+            return
         async with self._locked(session_id) as session:
             await self._kernel_for(session)
             session.notice = None

@@ -107,6 +107,7 @@ class KernelSupervisor:
         """Send `code` once every pending change is done; returns its msg_id."""
         while not self._quiet.is_set():
             await self._quiet.wait()
+        await self.connection.ready()
         if self.closed:
             raise KernelClosed(f"kernel {self.kernel_id} is shut down")
         msg_id = self.connection.execute(code, listener, silent=silent)

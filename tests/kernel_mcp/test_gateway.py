@@ -93,6 +93,61 @@ async def test_a_restart_through_one_replica_is_told_by_the_other(start_manager:
     assert not (await two.execute("s1", "1")).state_lost
 
 
+@ON_EG
+async def test_a_restart_through_a_replica_that_never_ran_the_session(start_manager: Any) -> None:
+    one: SessionManager = await start_manager()
+    two: SessionManager = await start_manager()
+    await one.execute("s1", "x = 1")
+    before = await one.kernel_info("s1")
+    await two.restart("s1")  # a load balancer sent the restart to the other replica
+    asked = await two.execute("s1", "'x' in globals()")
+    assert plain_of(asked.outputs) == "False", "the restart really happened"
+    assert not asked.state_lost, "asked for through this replica: not a surprise"
+    assert (await two.kernel_info("s1")).generation == before.generation + 1
+    told = await one.execute("s1", "'x' in globals()")
+    assert plain_of(told.outputs) == "False"
+    assert told.state_lost
+    assert "restarted" in (told.message or "")
+
+
+@ON_EG
+async def test_a_hung_cell_is_stopped_through_another_replica(start_manager: Any) -> None:
+    one: SessionManager = await start_manager()
+    two: SessionManager = await start_manager()
+    await one.execute("s1", "kept = 1")
+    live = LiveText()
+    task = asyncio.create_task(one.execute("s1", RUNNING, timeout=300, on_output=live))
+    await live.wait_for("running")
+    assert await two.interrupt("s1"), "the other replica reaches the kernel"
+    interrupted = await task
+    assert interrupted.status == "error"
+    assert interrupted.outputs[-1]["ename"] == "KeyboardInterrupt"
+    assert plain_of((await two.execute("s1", "kept")).outputs) == "1", "state survives"
+
+    live = LiveText()
+    task = asyncio.create_task(one.execute("s1", RUNNING, timeout=300, on_output=live))
+    await live.wait_for("running")
+    await two.restart("s1")  # does not wait for the hung cell's lock
+    stopped = await task
+    after = await two.execute("s1", "'kept' in globals()")
+    assert plain_of(after.outputs) == "False"
+    told = stopped
+    if not stopped.state_lost:
+        # The gateway's restart interrupted the cell before stopping the kernel: the cell
+        # ended as interrupted, and the next call on that replica is told of the restart.
+        assert stopped.outputs[-1]["ename"] == "KeyboardInterrupt"
+        told = await one.execute("s1", "'kept' in globals()")
+        assert plain_of(told.outputs) == "False"
+    assert told.state_lost
+    assert "restarted" in (told.message or "")
+
+
+@ON_EG
+async def test_interrupting_a_session_without_a_kernel_says_so(start_manager: Any) -> None:
+    one: SessionManager = await start_manager()
+    assert not await one.interrupt("never-started")
+
+
 async def _mcp_call(base: str, session: str, code: str) -> Any:
     transport = StreamableHttpTransport(f"{base}/mcp", headers={"X-Session-Id": session})
     async with Client(transport, mode="legacy") as client:
