@@ -129,8 +129,8 @@ class KernelBackend(abc.ABC):
     """Starts kernels."""
 
     shared: bool = False
-    """Kernels are shared with other kernel_mcp replicas: found by session, no warm pool, and
-    culling, eviction or closing a replica lets them run (the gateway culls them)."""
+    """Kernels are shared with other kernel_mcp replicas: found by session (`find_kernel`),
+    and culling, eviction or closing a replica lets them run (the gateway culls them)."""
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -150,6 +150,11 @@ class KernelBackend(abc.ABC):
     def session_guard(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Held around each call on a session; a shared backend serializes them across replicas."""
         return contextlib.nullcontext()
+
+    async def find_kernel(self, session_id: str, cwd: Path) -> KernelConnection | None:
+        """The session's kernel already running, for a shared backend (another replica may
+        have started it); None: claim a pooled one or open a new one."""
+        return None
 
     async def interrupt_session(self, session_id: str) -> bool:
         """Interrupt the session's kernel held by no kernel of this replica (a shared

@@ -149,9 +149,10 @@ class Settings(BaseSettings):
     )
     gateway_shared: bool = Field(
         default=True,
-        description="Kernel ids derived from session ids, so any replica finds a session's "
-        "kernel (needs a gateway that honours KERNEL_ID: Enterprise Gateway); off: the gateway "
-        "picks ids, one replica only, warm pool on.",
+        description="Any replica finds a session's kernel: started under an id derived from "
+        "the session, or a pooled one named in the session's record in the shared workspace "
+        "(needs a gateway that honours KERNEL_ID: Enterprise Gateway); off: the gateway picks "
+        "ids, one replica only.",
     )
     gateway_namespace: uuid.UUID = Field(
         default=uuid.UUID("5b0f3c36-3a83-4a46-9a2e-6c1f0f6c1f4b"),

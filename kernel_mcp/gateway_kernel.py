@@ -183,6 +183,9 @@ class GatewayKernel(KernelConnection):
     def dead(self) -> bool:
         return self._dead
 
+    def assign(self, session_id: str) -> None:
+        self._backend.claimed(self, session_id)
+
     async def ready(self) -> None:
         if self._resync and not self._dead:
             self._resync = False
@@ -536,6 +539,19 @@ class GatewayBackend(KernelBackend):
             return contextlib.nullcontext()
         return self._record(session_id).locked()
 
+    async def find_kernel(self, session_id: str, cwd: Path) -> GatewayKernel | None:
+        """The session's kernel running on the gateway (any replica may have started it)."""
+        kernel_id = await self._shared_kernel(session_id)
+        if kernel_id is None:
+            return None
+        record = self._record(session_id)
+        known = record.read()
+        kernel = GatewayKernel(self, kernel_id, session_id=session_id, record=record)
+        await self._open(kernel, cwd)
+        kernel.adopt(known, started=False)
+        logger.info("session %s: kernel %s found", session_id, kernel_id)
+        return kernel
+
     async def interrupt_session(self, session_id: str) -> bool:
         kernel_id = await self._shared_kernel(session_id)
         if kernel_id is None:
@@ -557,11 +573,16 @@ class GatewayBackend(KernelBackend):
         return True
 
     async def _shared_kernel(self, session_id: str) -> str | None:
-        """The id of the session's kernel on the gateway, if shared and running there."""
+        """The id of the session's kernel on the gateway, if shared and running there: the
+        one its record names (a pooled kernel it claimed), else the id derived from it."""
         if not self.shared:
             return None
-        kernel_id = derived_kernel_id(self.settings.gateway_namespace, session_id)
-        return kernel_id if await self.exists(kernel_id) else None
+        recorded = (self._record(session_id).read() or {}).get("kernel_id")
+        derived = derived_kernel_id(self.settings.gateway_namespace, session_id)
+        for kernel_id in dict.fromkeys(k for k in (recorded, derived) if isinstance(k, str)):
+            if await self.exists(kernel_id):
+                return kernel_id
+        return None
 
     # -- starting -------------------------------------------------------------
 
@@ -573,19 +594,26 @@ class GatewayBackend(KernelBackend):
         """The session's kernel on the gateway, or a new one under its derived id."""
         if not self.shared:
             return await self.start_kernel(cwd)
+        found = await self.find_kernel(session_id, cwd)
+        if found is not None:
+            return found
         kernel_id = derived_kernel_id(self.settings.gateway_namespace, session_id)
         record = self._record(session_id)
         known = record.read()
         kernel = GatewayKernel(self, kernel_id, session_id=session_id, record=record)
-        started = not await self.exists(kernel_id)
-        if started:
-            await self._post_kernel(cwd, kernel_id)
+        await self._post_kernel(cwd, kernel_id)
         await self._open(kernel, cwd)
-        kernel.adopt(known, started=started)
-        logger.info(
-            "session %s: kernel %s %s", session_id, kernel_id, "started" if started else "found"
-        )
+        kernel.adopt(known, started=True)
+        logger.info("session %s: kernel %s started", session_id, kernel_id)
         return kernel
+
+    def claimed(self, kernel: GatewayKernel, session_id: str) -> None:
+        """A session claimed pooled `kernel`: on a shared gateway, its record names it now."""
+        if not self.shared or kernel.session_id is not None:
+            return
+        kernel.session_id = session_id
+        kernel._record = record = self._record(session_id)
+        kernel.adopt(record.read(), started=True)
 
     async def _open(self, kernel: GatewayKernel, cwd: Path) -> GatewayKernel:
         try:

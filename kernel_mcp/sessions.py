@@ -132,9 +132,7 @@ class SessionManager:
         self._sessions: dict[str, KernelSession] = {}
         self._kernels: set[KernelSupervisor] = set()
         """Every kernel not yet shut down, claimed by a session or being retired."""
-        # Shared kernels are found by session id: a pooled kernel's id could not be found.
-        pool_size = 0 if backend.shared else settings.pool_size
-        self._pool = KernelPool(backend, pool_size, settings.workspace / ".pool")
+        self._pool = KernelPool(backend, settings.pool_size, settings.workspace / ".pool")
         self._cull_task: asyncio.Task[None] | None = None
         self._starting = 0
 
@@ -203,7 +201,7 @@ class SessionManager:
             "sessions": len(self._sessions),
             "kernels_running": len(self._kernels),
             "pool_ready": len(self._pool),
-            "pool_size": 0 if self._backend.shared else self.settings.pool_size,
+            "pool_size": self.settings.pool_size,
             "max_kernels": self.settings.max_kernels,
         }
 
@@ -377,8 +375,12 @@ class SessionManager:
             await self._evict_for(session)
         self._starting += 1
         try:
-            connection = await self._pool.claim()
+            # Shared: another replica may run the session's kernel; find it before claiming.
+            connection = await self._backend.find_kernel(session.id, session.folder)
             if connection is not None:
+                kernel = self._supervise(connection, session.folder)
+            elif (pooled := await self._pool.claim()) is not None:
+                connection = pooled
                 kernel = self._supervise(connection, session.folder)
                 try:
                     folder = self._backend.claim_folder(connection, session.folder)

@@ -22,7 +22,7 @@ from kernel_mcp.errors import CapacityError, KernelError
 from kernel_mcp.gateway_kernel import derived_kernel_id
 from kernel_mcp.sessions import SessionManager
 
-from .conftest import LiveText, plain_of, text_of, wait_until
+from .conftest import LiveText, kernel_cwd, plain_of, text_of, wait_until
 from .gateways import ENTERPRISE_GATEWAY, KERNEL_GATEWAY, KINDS, Gateway
 
 pytestmark = pytest.mark.kernel
@@ -146,6 +146,37 @@ async def test_a_hung_cell_is_stopped_through_another_replica(start_manager: Any
 async def test_interrupting_a_session_without_a_kernel_says_so(start_manager: Any) -> None:
     one: SessionManager = await start_manager()
     assert not await one.interrupt("never-started")
+
+
+@ON_EG
+async def test_a_warm_kernel_serves_a_session_on_every_replica(start_manager: Any) -> None:
+    one: SessionManager = await start_manager(pool_size=1)
+    two: SessionManager = await start_manager()
+    await wait_until(lambda: one.stats()["pool_ready"] == 1, "the warm pool")
+    first = await one.execute("s1", "import os; x = 41; os.getcwd()")
+    assert plain_of(first.outputs) == repr(kernel_cwd(one, "s1")), "moved to the session"
+    claimed = await one.kernel_info("s1")
+    derived = derived_kernel_id(one.settings.gateway_namespace, "s1")
+    assert claimed.kernel_id != derived, "a pooled kernel, not one started for the session"
+    # Its record names it: the other replica finds it, and so does a restart through it.
+    result = await two.execute("s1", "x + 1")
+    assert plain_of(result.outputs) == "42"
+    assert not result.state_lost
+    assert (await two.kernel_info("s1")).kernel_id == claimed.kernel_id
+    await wait_until(lambda: one.stats()["pool_ready"] == 1, "the pool to refill")
+    await two.restart("s1")
+    told = await one.execute("s1", "'x' in globals()")
+    assert plain_of(told.outputs) == "False"
+    assert told.state_lost
+    # Shut down on purpose, the session starts again without a notice, in a new incarnation.
+    await two.close()
+    assert await one.close_session("s1")
+    three: SessionManager = await start_manager()
+    again = await three.execute("s1", "'x' in globals()")
+    assert plain_of(again.outputs) == "False"
+    assert not again.state_lost
+    after = await three.kernel_info("s1")
+    assert (after.kernel_id, after.generation) != (claimed.kernel_id, claimed.generation)
 
 
 async def _mcp_call(base: str, session: str, code: str) -> Any:
