@@ -9,8 +9,9 @@ same launcher the local backend uses), then measures through `SessionManager`:
    off (`KERNEL_MCP_GATEWAY_QUICKACK=false`), and the floor: a bare WebSocket client on
    an Enterprise Gateway kernel, in alternating chunks (the order rotates every chunk) so
    machine noise hits all alike;
-2. first result of a new session (no warm pool on either side: shared gateway kernels
-   have none), alternating local and Enterprise Gateway.
+2. first result of a new session, without and with a warm pool (one kernel, refilled
+   before each sample), alternating local and Enterprise Gateway (shared mode: a claimed
+   pooled kernel is named in the session's record).
 
 Run: ``.venv/bin/python bench/gateway.py`` (``make bench``). Prints one JSON line on
 stdout; progress goes to stderr. About 30 s.
@@ -229,8 +230,7 @@ async def main() -> None:
             return Settings(
                 workspace=folder / name / "ws",
                 runtime_dir=folder / name / "rt",
-                pool_size=0,
-                **extra,
+                **{"pool_size": 0, **extra},
             )
 
         def on(kind: str, **extra: Any) -> dict[str, Any]:
@@ -271,9 +271,22 @@ async def main() -> None:
                         samples[name].append(await _execute(managers[name], "bench"))
         await raw.close()
         print("measuring the first result of a new session", file=sys.stderr)
-        first: dict[str, list[float]] = {"local": [], "enterprise_gateway": []}
+        for name, config in {
+            "local_warm_pool": settings("local-pool", pool_size=1),
+            "enterprise_gateway_warm_pool": settings("eg-pool", pool_size=1, **on("eg")),
+        }.items():
+            managers[name] = SessionManager(config)
+            await managers[name].start()
+        first: dict[str, list[float]] = {
+            "local": [],
+            "enterprise_gateway": [],
+            "local_warm_pool": [],
+            "enterprise_gateway_warm_pool": [],
+        }
         for i in range(N_FIRST):
             for name in first if i % 2 == 0 else reversed(list(first)):
+                while managers[name].stats()["pool_ready"] < managers[name].settings.pool_size:
+                    await asyncio.sleep(0.05)  # the pool refilled, as between real sessions
                 started = time.perf_counter()
                 result = await managers[name].execute(f"new-{i}", "1")
                 first[name].append(time.perf_counter() - started)
