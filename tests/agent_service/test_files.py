@@ -3,9 +3,12 @@ files a turn wrote, through the openai SDK and raw HTTP, against real kernels.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
+import hashlib
 import io
+import os
 import uuid
 from typing import Any
 from urllib.parse import quote
@@ -14,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from kernel_agent_pytest.scripted_llm import Text, ToolCall
+from kernel_agent_pytest.scripted_llm import Gate, Hold, Text, ToolCall
 
 from .conftest import Stack
 
@@ -105,6 +108,22 @@ async def test_upload_several_files_then_list_download_and_delete(stack: Stack) 
     assert missing.value.code == "file_not_found"
 
 
+async def test_a_large_file_goes_in_and_out_whole(stack: Stack) -> None:
+    data = os.urandom(12 * 1024 * 1024 + 7)  # over the 2 MB chat body limit, many chunks
+    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as http:
+        uploaded = await http.post(
+            "/v1/sessions/large-1/files", files=[("files", ("blob.bin", data))]
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        assert uploaded.json()["data"][0]["size"] == len(data)
+        digest = hashlib.sha256()
+        async with http.stream("GET", "/v1/sessions/large-1/files/blob.bin") as download:
+            assert download.headers["content-length"] == str(len(data))
+            async for chunk in download.aiter_bytes():
+                digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
 async def test_the_model_is_told_of_uploads_on_its_next_turn(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         uploaded = await http.post(
@@ -137,6 +156,35 @@ async def test_the_model_is_told_of_uploads_on_its_next_turn(stack: Stack) -> No
     later = [m["content"] for m in stack.llm.requests[-1]["messages"] if m["role"] == "user"]
     assert sum("prices.csv" in text for text in later) == 1
     assert later[-1] == "And now?"
+
+
+async def test_an_upload_during_a_turn_is_told_on_the_next(stack: Stack) -> None:
+    gate = Gate()
+    stack.llm.script(Hold(gate, Text("First answer.")), Text("Second answer."))
+    client = stack.new_async_client()
+    first = asyncio.create_task(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Wait for it"}],
+            extra_headers={"X-Session-Id": "during-1"},
+        )
+    )
+    await stack.llm.wait_for_requests(1, within=30)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        uploaded = await http.post(
+            "/v1/sessions/during-1/files", files=[("files", ("late.csv", b"a\n1\n"))]
+        )
+        assert uploaded.status_code == 201, uploaded.text
+    gate.open()
+    assert (await first).choices[0].message.content == "First answer."
+    assert all("late.csv" not in str(m) for m in stack.llm.requests[0]["messages"])
+    await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Anything new?"}],
+        extra_headers={"X-Session-Id": "during-1"},
+    )
+    told = [m["content"] for m in stack.llm.requests[1]["messages"] if m["role"] == "user"]
+    assert any("/home/session/late.csv" in text for text in told), told
 
 
 async def test_uploads_over_the_limit_get_413_and_leave_nothing(start_stack) -> None:
