@@ -488,3 +488,17 @@ def test_paths_in_links_are_quoted(stack: Stack) -> None:
 
     link = file_link(stack.services, "http://h/", "s1", "a b/#c?.csv")
     assert link == f"http://h/v1/sessions/s1/files/{quote('a b/#c?.csv', safe='/')}"
+
+
+async def test_the_file_routes_are_described_in_openapi(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        spec = (await http.get("/openapi.json")).json()
+    listing = spec["paths"]["/v1/sessions/{session_id}/files"]
+    one = spec["paths"]["/v1/sessions/{session_id}/files/{path}"]
+    assert set(listing) == {"get", "post"}
+    assert set(one) == {"get", "delete"}
+    upload = listing["post"]
+    form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert set(form) == {"files", "folder"}
+    assert "AGENT_MAX_UPLOAD_BYTES" in upload["responses"]["413"]["description"]
+    assert "symlink" in one["get"]["responses"]["400"]["description"]
