@@ -502,3 +502,35 @@ async def test_the_file_routes_are_described_in_openapi(stack: Stack) -> None:
     assert set(form) == {"files", "folder"}
     assert "AGENT_MAX_UPLOAD_BYTES" in upload["responses"]["413"]["description"]
     assert "symlink" in one["get"]["responses"]["400"]["description"]
+
+
+async def test_a_turn_whose_folder_could_not_be_listed_claims_no_files(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent_service.errors import KernelServiceError
+
+    files = stack.services.agent.files
+    real = files.listing
+    calls = 0
+
+    async def first_fails(session_id: str) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KernelServiceError("listing refused, once")
+        return await real(session_id)
+
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        await http.post("/v1/sessions/unlisted-1/files", files=[("files", ("old.txt", b"o"))])
+    monkeypatch.setattr(files, "listing", first_fails)
+    stack.llm.script(
+        ToolCall("execute_code", {"code": "open('new.txt', 'w').write('n')"}), Text("Wrote it.")
+    )
+    reply = stack.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a file"}],
+        extra_headers={"X-Session-Id": "unlisted-1"},
+    )
+    assert calls == 1, "not listed again at the end: nothing to compare with"
+    assert "Files written" not in reply.choices[0].message.content
+    assert reply.choices[0].message.content.endswith("Wrote it.")
