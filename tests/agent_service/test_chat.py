@@ -151,7 +151,9 @@ async def test_concurrent_turn_gets_409(stack: Stack) -> None:
     await wait_until(lambda: len(folders()) == 1, "the session's folder")
     (folders()[0] / "go").touch()
     content, _ = await first
-    assert content.endswith("ok")
+    reply, written = content.split("\n\n**Files written in this turn:**")
+    assert reply.endswith("ok")
+    assert "[go](" in written, "the file the test made while the turn ran"
     assert len(stack.llm.requests) == 2, "the SDK did not retry the 409"
 
 
