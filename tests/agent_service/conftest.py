@@ -1,4 +1,9 @@
-"""The whole stack on 127.0.0.1: kernel_mcp and agent_service over real HTTP, a scripted LLM."""
+"""The whole stack on 127.0.0.1: kernel_mcp and agent_service over real HTTP, a scripted LLM.
+
+The agent's transcript store is SQLite, or PostgreSQL for tests marked `both_stores`
+(parametrized `store_kind`: each runs once per store, on a database of its own in a
+throwaway cluster started once per test session).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,58 @@ from kernel_mcp.config import Settings as KernelSettings
 from kernel_mcp.server import create_server
 from tests.kernel_mcp.conftest import free_port
 from tests.support.fake_llm import FakeLLM
+from tests.support.postgres import PostgresCluster, binaries
+
+STORES = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_stores` run against SQLite and PostgreSQL."""
+    if "store_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_stores"
+    ):
+        metafunc.parametrize("store_kind", STORES, indirect=True)
+
+
+@pytest.fixture
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Which transcript store the test's agent services use."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL server for the whole test session (Debian's `postgresql` package)."""
+    bindir = binaries()
+    if bindir is None:
+        message = "PostgreSQL is not installed (make test installs it: scripts/ensure_postgres.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    cluster = PostgresCluster(bindir).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def database_url(
+    store_kind: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[[], str | None]]:
+    """Factory: a new database's URL for PostgreSQL tests (None: SQLite under data_dir)."""
+    made: list[str] = []
+
+    def make() -> str | None:
+        if store_kind != "postgres":
+            return None
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        made.append(cluster.create_database())
+        return made[-1]
+
+    yield make
+    if made:
+        cluster = request.getfixturevalue("postgres_cluster")
+        for url in made:
+            cluster.drop_database(url)
 
 
 class RunningServer:
@@ -67,6 +124,8 @@ class Stack:
     agent_settings: AgentSettings
     root: Path
     kernel_settings: KernelSettings
+    process_database: str | None = None
+    """The database of agent_process's services (PostgreSQL tests), apart from `agent`'s."""
 
     @property
     def services(self) -> Any:
@@ -100,7 +159,9 @@ def _kernel_app(settings: KernelSettings) -> Any:
 
 
 @pytest.fixture
-async def start_stack() -> AsyncIterator[Callable[..., Any]]:
+async def start_stack(
+    database_url: Callable[[], str | None],
+) -> AsyncIterator[Callable[..., Any]]:
     """Factory: kernel_mcp + agent_service + FakeLLM; everything stopped after the test."""
     stacks: list[Stack] = []
     roots: list[Path] = []
@@ -122,6 +183,7 @@ async def start_stack() -> AsyncIterator[Callable[..., Any]]:
             "notebooks_dir": root / "notebooks",
             "llm_retries": 2,
             "llm_timeout": 10,
+            "database_url": database_url(),
         }
         values.update(agent_overrides)
         agent_settings = AgentSettings(**values)
@@ -171,9 +233,13 @@ class AgentProcess:
 
 
 @pytest.fixture
-async def agent_process(stack: Stack) -> AsyncIterator[Callable[..., Any]]:
+async def agent_process(
+    stack: Stack, database_url: Callable[[], str | None]
+) -> AsyncIterator[Callable[..., Any]]:
     """Factory: agent_service in a subprocess on the stack's kernel_mcp, LLM and data."""
     started: list[AgentProcess] = []
+    if stack.agent_settings.postgres_url is not None and stack.process_database is None:
+        stack.process_database = database_url()
 
     async def start(**env: str) -> AgentProcess:
         port = free_port()
@@ -188,6 +254,7 @@ async def agent_process(stack: Stack) -> AsyncIterator[Callable[..., Any]]:
             "AGENT_NOTEBOOKS_DIR": str(stack.root / "process-notebooks"),
             "AGENT_LLM_RETRIES": "0",
             "AGENT_UI": "false",
+            **({"AGENT_DATABASE_URL": stack.process_database} if stack.process_database else {}),
             **env,
         }
         with log.open("wb") as out:

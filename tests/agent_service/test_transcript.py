@@ -72,6 +72,7 @@ async def test_kernel_mcp_restart_is_noted_and_the_notebook_replays(stack: Stack
     assert "2 matched, 0 differ" in replay.stdout
 
 
+@pytest.mark.both_stores
 async def test_killed_mid_turn_keeps_the_output_and_says_result_unknown(
     stack: Stack, agent_process
 ) -> None:
@@ -163,6 +164,7 @@ async def test_sigterm_mid_stream_sends_an_error_event_and_done(
     assert session["events"][-1]["type"] == "error"
 
 
+@pytest.mark.both_stores
 async def test_lone_surrogates_are_refused_and_nothing_is_stored(stack: Stack) -> None:
     bad = '{"model": "kernel-agent", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
     headers = {"content-type": "application/json"}
