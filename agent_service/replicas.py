@@ -16,6 +16,7 @@ PostgreSQL, `agent_service.postgres.PostgresReplicas` keeps all of it in the dat
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -67,9 +68,10 @@ class Replicas(Protocol):
         ...
 
 
-def default_name(port: int) -> str:
-    """A replica's default name: host, port and process id."""
-    return f"{socket.gethostname()}:{port}:{os.getpid()}"
+def default_name() -> str:
+    """A replica's default name: host, process id and a few random characters (unique even
+    for several services in one process)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class _NoLease:

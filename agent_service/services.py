@@ -81,7 +81,7 @@ class Services:
 
 def _open_database(settings: Settings) -> tuple[TranscriptStore, Replicas]:
     """The transcript store and replica coordination that AGENT_DATABASE_URL names."""
-    name = settings.replica_id or default_name(settings.port)
+    name = settings.replica_id or default_name()
     if settings.postgres_url is None:
         return SqliteStore(settings.sqlite_path), LocalReplicas(name)
     try:

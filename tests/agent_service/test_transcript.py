@@ -72,7 +72,6 @@ async def test_kernel_mcp_restart_is_noted_and_the_notebook_replays(stack: Stack
     assert "2 matched, 0 differ" in replay.stdout
 
 
-@pytest.mark.both_stores
 async def test_killed_mid_turn_keeps_the_output_and_says_result_unknown(
     stack: Stack, agent_process
 ) -> None:
