@@ -155,17 +155,23 @@ class PostgresReplicas:
 
     # -- turn locks -------------------------------------------------------------
 
+    def _all_taken(self) -> bool:
+        """Whether every lock connection is held by a running turn."""
+        stats = self._locks.get_stats()
+        return bool(stats["pool_available"] == 0 and stats["pool_size"] >= self._locks.max_size)
+
     async def lock_turn(self, session_id: str) -> TurnLease | None:
+        busy = TooManyTurns(
+            f"this replica already runs {self._locks.max_size} turns "
+            "(AGENT_DATABASE_MAX_TURNS); try again shortly"
+        )
+        if self._all_taken():
+            raise busy  # at once: waiting would only delay the same answer
         try:
             conn = await self._locks.getconn()
         except PoolTimeout as exc:
-            if self._locks.get_stats().get("pool_available", 0) == 0 and (
-                self._locks.get_stats().get("pool_size", 0) >= self._locks.max_size
-            ):
-                raise TooManyTurns(
-                    f"this replica already runs {self._locks.max_size} turns "
-                    "(AGENT_DATABASE_MAX_TURNS); try again shortly"
-                ) from exc
+            if self._all_taken():
+                raise busy from exc
             raise DatabaseUnavailable(f"the database is unreachable: {exc}") from exc
         except psycopg.Error as exc:
             raise DatabaseUnavailable(f"the database is unreachable: {exc}") from exc

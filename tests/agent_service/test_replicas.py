@@ -15,10 +15,12 @@ from typing import Any
 
 import httpx
 import nbformat
+import psycopg
 import pytest
 from openai import AsyncOpenAI
 
 from agent_service.app import create_app
+from agent_service.postgres.replicas import CHANNEL
 from tests.support.fake_llm import Gate, Hold, Text, ToolCall
 
 from .conftest import RunningServer, Stack
@@ -240,3 +242,64 @@ async def test_history_kept_in_memory_is_never_stale(
     assert sent == ["other question", "other answer", "next question"], (
         "A read the session again: the version it kept was no longer the session's"
     )
+
+
+async def test_a_replica_at_its_turn_limit_says_so_at_once(start_stack) -> None:
+    stack: Stack = await start_stack(database_max_turns=1)
+    gate = Gate()
+    stack.llm.script(Hold(gate, Text("done")), Text("after"))
+    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        running = asyncio.create_task(post_turn(http, "rep-7", "long"))
+        await stack.llm.wait_for_requests(1, within=DEADLINE)
+        refused = await post_turn(http, "rep-8", "another session")
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "too_many_turns"
+        assert refused.headers["x-should-retry"] == "false"
+        gate.open()
+        assert (await running).status_code == 200
+        assert (await post_turn(http, "rep-8", "another session")).status_code == 200
+
+
+async def test_connections_the_server_cuts_are_replaced(
+    stack: Stack, replica_b: RunningServer
+) -> None:
+    """Every backend of the database is terminated: the replicas reconnect by themselves."""
+    url = stack.agent_settings.postgres_url
+    assert url is not None
+
+    def listeners() -> int:
+        with psycopg.connect(url, autocommit=True) as db:
+            row = db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query = %s",
+                (f"LISTEN {CHANNEL}",),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    stack.llm.script(Text("zero"))
+    await turn(stack.agent.url, "rep-9", "before")  # pooled connections of every kind exist
+    assert listeners() == 2
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+    async def both_listen() -> bool:
+        return await asyncio.to_thread(listeners) == 2
+
+    await until(both_listen, "both replicas listen again")
+    stack.llm.script(Text("one"), Text("two"))
+    await turn(stack.agent.url, "rep-9", "on A")
+    await turn(replica_b.url, "rep-9", "on B")
+    async with (
+        httpx.AsyncClient(base_url=stack.agent.url) as on_a,
+        httpx.AsyncClient(base_url=replica_b.url) as on_b,
+    ):
+        assert (await on_b.get("/admin/cache-stats")).json()["cached"] is True
+        await on_a.post("/admin/clear-cache")
+
+        async def b_dropped() -> bool:
+            return (await on_b.get("/admin/cache-stats")).json()["cached"] is False
+
+        await until(b_dropped, "B, listening again, dropped its prompt")
