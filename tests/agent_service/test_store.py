@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from agent_service.config import Settings
 from agent_service.postgres import PostgresStore, upgrade
 from agent_service.postgres.migrate import VERSION_TABLE
 from agent_service.sqlite_store import SqliteStore
@@ -153,3 +154,15 @@ def test_migrations_bring_an_older_schema_up(
     with psycopg.connect(url) as db:
         versions = db.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchall()  # type: ignore[arg-type]
     assert versions == [("0001",)]
+
+
+def test_database_url_forms(tmp_path: Path) -> None:
+    default = Settings(data_dir=tmp_path)
+    assert default.postgres_url is None
+    assert default.sqlite_path == tmp_path / "transcripts.sqlite3"
+    assert Settings(database_url=f"sqlite:///{tmp_path}/t.db").sqlite_path == tmp_path / "t.db"
+    url = "postgresql://u:p@db:5432/agent?sslmode=require"
+    assert Settings(database_url=url).postgres_url == url
+    assert Settings(database_url="postgres://db/agent").postgres_url == "postgres://db/agent"
+    with pytest.raises(ValueError, match="AGENT_DATABASE_URL"):
+        Settings(database_url="mysql://db/agent")
