@@ -113,8 +113,8 @@ def per_turn_work(root: Path) -> dict[str, Any]:
 _FAKE_LLM = """
 import sys, threading
 sys.path.insert(0, {repo!r})
-from tests.support.fake_llm import FakeLLM, Text
-llm = FakeLLM(*[Text("answered")] * 20).start()
+from kernel_agent_pytest.scripted_llm import ScriptedLLM, Text
+llm = ScriptedLLM(*[Text("answered")] * 20).start()
 print(llm.base_url, flush=True)
 threading.Event().wait()
 """

@@ -2,7 +2,7 @@
 
 One session, turn after turn; each turn is a user message -> the model asks for
 `execute_code("x + 1")` -> the tool result goes back -> the model answers text. The model is
-the scripted `FakeLLM` of the tests, answering at once. Per turn:
+the tests' `ScriptedLLM` (kernel_agent_pytest.scripted_llm), answering at once. Per turn:
 
 1. turn time: the official `openai.AsyncOpenAI` client, streaming, from sending the request
    to the end of the stream (`data: [DONE]`);
@@ -69,10 +69,10 @@ from agent_service.app import create_app  # noqa: E402
 from agent_service.config import Settings as AgentSettings  # noqa: E402
 from agent_service.kernel_client import KernelClient, KernelSession  # noqa: E402
 from agent_service.llm import ModelAdapter, load_litellm  # noqa: E402
+from kernel_agent_pytest.scripted_llm import ScriptedLLM, Text, ToolCall  # noqa: E402
 from kernel_mcp.config import Settings as KernelSettings  # noqa: E402
 from kernel_mcp.server import create_server  # noqa: E402
 from tests.agent_service.conftest import RunningServer  # noqa: E402
-from tests.support.fake_llm import FakeLLM, Text, ToolCall  # noqa: E402
 
 logger = logging.getLogger("bench.agent_service")
 
@@ -106,8 +106,8 @@ def _p(samples: list[float], q: int) -> float:
 # -- instrumentation -----------------------------------------------------------
 
 
-class TimedLLM(FakeLLM):
-    """The tests' FakeLLM, timestamping every answer in its own thread.
+class TimedLLM(ScriptedLLM):
+    """The tests' scripted LLM, timestamping every answer in its own thread.
 
     `answers` gets (request reached the app, last byte about to be sent) per request, and
     `first_content` the moment the first content delta of a text answer is about to be sent.

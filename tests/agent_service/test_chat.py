@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.support.fake_llm import Error, MidStreamError, Stall, Text, ToolCall, ToolCalls
+from kernel_agent_pytest.scripted_llm import Error, MidStreamError, Stall, Text, ToolCall, ToolCalls
 
 from .conftest import Stack
 
@@ -18,7 +18,7 @@ MODEL = "kernel-agent"
 
 
 async def stream_turn(stack: Stack, session: str, text: str) -> tuple[str, list]:
-    client = stack.client()
+    client = stack.new_async_client()
     chunks = []
     stream = await client.chat.completions.create(
         model=MODEL,
@@ -83,7 +83,7 @@ async def test_three_turns_share_state_and_a_plot_is_served(stack: Stack) -> Non
 
 async def test_non_streaming_completion(stack: Stack) -> None:
     stack.llm.script(ToolCall("execute_code", {"code": "21 * 2"}), Text("It is 42."))
-    client = stack.client()
+    client = stack.new_async_client()
     response = await client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": "21*2?"}]
     )
@@ -98,7 +98,7 @@ async def test_non_streaming_completion(stack: Stack) -> None:
 
 async def test_strict_stream_helper_parses_our_stream(stack: Stack) -> None:
     stack.llm.script(Text("Hello there."))
-    client = stack.client()
+    client = stack.new_async_client()
     async with client.chat.completions.stream(
         model=MODEL, messages=[{"role": "user", "content": "hi"}]
     ) as stream:
@@ -128,7 +128,7 @@ async def test_tool_call_arguments_fragmented_and_parallel(stack: Stack) -> None
 @pytest.mark.both_stores
 async def test_concurrent_turn_gets_409(stack: Stack) -> None:
     stack.llm.script(ToolCall("execute_code", {"code": "import time; time.sleep(2)"}), Text("ok"))
-    client = stack.client(max_retries=3)
+    client = stack.new_async_client(max_retries=3)
     first = asyncio.create_task(stream_turn(stack, "busy-1", "sleep"))
     await stack.llm.wait_for_requests(1)
     await asyncio.sleep(0.3)
@@ -159,7 +159,7 @@ async def test_rate_limit_exhausted_is_an_http_error(stack: Stack) -> None:
     from openai import RateLimitError
 
     with pytest.raises(RateLimitError) as info:
-        await stack.client(max_retries=0).chat.completions.create(
+        await stack.new_async_client(max_retries=0).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
         )
     assert info.value.code == "rate_limit_exceeded"
@@ -171,7 +171,7 @@ async def test_provider_500_mid_stream_ends_cleanly_and_keeps_transcript(stack: 
         ToolCall("execute_code", {"code": "kept = 5"}),
         MidStreamError("Partial answ"),
     )
-    client = stack.client()
+    client = stack.new_async_client()
     stream = await client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "go"}],
@@ -188,7 +188,7 @@ async def test_provider_500_mid_stream_ends_cleanly_and_keeps_transcript(stack: 
     with pytest.raises(APIError, match="model provider failed"):
         await consume()
     assert any("kept = 5" in (c.choices[0].delta.content or "") for c in received if c.choices)
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         session = (await http.get("/v1/sessions/mid-1")).json()
     types = [e["type"] for e in session["events"]]
     assert types == ["user", "assistant", "tool_started", "tool_result", "assistant", "error"]
@@ -205,7 +205,7 @@ async def test_disconnect_mid_execution_still_saves_the_turn(stack: Stack) -> No
         ToolCall("execute_code", {"code": "import time; time.sleep(1.5); done = 'yes'"}),
         Text("Finished."),
     )
-    async with httpx.AsyncClient(base_url=stack.agent.url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
         body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "go"}]}
         async with http.stream(
             "POST", "/v1/chat/completions", json=body, headers={"X-Session-Id": "drop-1"}
@@ -214,7 +214,7 @@ async def test_disconnect_mid_execution_still_saves_the_turn(stack: Stack) -> No
                 if "time.sleep" in line:
                     break  # the client goes away while the code runs
     await stack.llm.wait_for_requests(2, within=20)
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         for _ in range(100):
             session = (await http.get("/v1/sessions/drop-1")).json()
             if not session["busy"]:
@@ -230,8 +230,8 @@ async def test_disconnect_mid_execution_still_saves_the_turn(stack: Stack) -> No
 async def test_restarted_service_lists_old_transcripts(stack: Stack) -> None:
     stack.llm.script(Text("First answer."))
     await stream_turn(stack, "persist-1", "remember me")
-    await stack.restart_agent()
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    stack.restart_agent()
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         listed = (await http.get("/v1/sessions")).json()["data"]
         detail = (await http.get("/v1/sessions/persist-1")).json()
     assert [s["id"] for s in listed] == ["persist-1"]
@@ -240,12 +240,12 @@ async def test_restarted_service_lists_old_transcripts(stack: Stack) -> None:
 
 
 async def test_api_keys_are_required_when_set(start_stack) -> None:
-    stack: Stack = await start_stack(api_keys=["k-123"])
+    stack: Stack = start_stack(api_keys=["k-123"])
     from openai import AuthenticationError
 
     with pytest.raises(AuthenticationError):
-        await stack.client(api_key="wrong").models.list()
-    models = await stack.client(api_key="k-123").models.list()
+        await stack.new_async_client(api_key="wrong").models.list()
+    models = await stack.new_async_client(api_key="k-123").models.list()
     assert [m.id for m in models.data] == ["kernel-agent", "hosted_vllm/fake"]
 
 
@@ -262,7 +262,7 @@ async def test_malformed_requests_get_openai_error_shape(stack: Stack) -> None:
          400, None),
         (b"{" + b" " * 3_000_000 + b"}", 413, "request_too_large"),
     ]  # fmt: skip
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         for body, status, code in cases:
             response = await http.post(
                 "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
@@ -280,8 +280,8 @@ async def test_malformed_requests_get_openai_error_shape(stack: Stack) -> None:
 
 
 async def test_no_model_configured(start_stack) -> None:
-    stack: Stack = await start_stack(model=None)
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    stack: Stack = start_stack(model=None)
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         health = (await http.get("/health")).json()
         response = await http.post(
             "/v1/chat/completions",
@@ -295,7 +295,7 @@ async def test_no_model_configured(start_stack) -> None:
 
 @pytest.mark.both_stores
 async def test_prompt_cache_hit_miss_clear_and_fallback(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         stack.llm.script(Text("one"), Text("two"))
         await stream_turn(stack, "c-1", "a")
         await stream_turn(stack, "c-2", "b")
@@ -306,7 +306,7 @@ async def test_prompt_cache_hit_miss_clear_and_fallback(stack: Stack) -> None:
         assert stats["age_seconds"] >= 0
         cleared = (await http.post("/admin/clear-cache")).json()
         assert cleared["cached"] is False
-        await stack.kernel_mcp.stop()
+        stack.kernel_mcp.stop()
         stack.llm.script(Text("three"))
         await stream_turn(stack, "c-3", "c")  # kernel_mcp down: the model still answers
         stats = (await http.get("/admin/cache-stats")).json()
@@ -317,23 +317,23 @@ async def test_prompt_cache_hit_miss_clear_and_fallback(stack: Stack) -> None:
 
 
 async def test_stalled_provider_times_out_cleanly(start_stack) -> None:
-    stack: Stack = await start_stack(llm_timeout=1, llm_retries=0)
+    stack: Stack = start_stack(llm_timeout=1, llm_retries=0)
     stack.llm.script(Stall(5))
     from openai import APIStatusError
 
     with pytest.raises(APIStatusError) as info:
-        await stack.client(max_retries=0).chat.completions.create(
+        await stack.new_async_client(max_retries=0).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}]
         )
     assert info.value.status_code == 504
 
 
 async def test_guard_stops_real_provider_calls(start_stack) -> None:
-    stack: Stack = await start_stack(model="openai/gpt-4o", api_base=None, api_key="sk-test")
+    stack: Stack = start_stack(model="openai/gpt-4o", api_base=None, api_key="sk-test")
     from openai import APIStatusError
 
     with pytest.raises(APIStatusError) as info:
-        await stack.client(max_retries=0).chat.completions.create(
+        await stack.new_async_client(max_retries=0).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}]
         )
     assert info.value.status_code == 502
@@ -341,12 +341,12 @@ async def test_guard_stops_real_provider_calls(start_stack) -> None:
 
 
 async def test_health_reports_kernel_mcp_and_model(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         health = (await http.get("/health")).json()
         assert health["status"] == "ok"
         assert health["kernel_mcp"]["reachable"] is True
         assert health["model_configured"] is True
-        await stack.kernel_mcp.stop()
+        stack.kernel_mcp.stop()
         health = (await http.get("/health")).json()
     assert health["status"] == "degraded"
     assert health["kernel_mcp"]["reachable"] is False
@@ -363,7 +363,7 @@ async def test_back_to_back_turns_are_never_busy(stack: Stack) -> None:
 
 @pytest.mark.both_stores
 async def test_direct_execution_is_recorded_and_seen_by_the_model(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.agent.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         response = await http.post(
             "/v1/sessions/direct-1/execute",
             json={
@@ -388,7 +388,7 @@ async def test_direct_execution_is_recorded_and_seen_by_the_model(stack: Stack) 
 
 
 async def test_skills_are_listed(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         skills = (await http.get("/v1/skills")).json()["data"]
     names = [s["name"] for s in skills]
     assert names == sorted(names)
@@ -399,7 +399,7 @@ async def test_skills_are_listed(stack: Stack) -> None:
 @pytest.mark.both_stores
 async def test_session_sources_in_order_and_history_import(stack: Stack) -> None:
     stack.llm.script(Text("a"), Text("b"), Text("c"), Text("d"))
-    client = stack.client()
+    client = stack.new_async_client()
     messages = [
         {"role": "system", "content": "Answer in French."},
         {"role": "user", "content": "earlier question"},
@@ -442,7 +442,7 @@ async def test_session_sources_in_order_and_history_import(stack: Stack) -> None
 
 async def test_openwebui_render_mode(stack: Stack) -> None:
     stack.llm.script(ToolCall("execute_code", {"code": "print('hi')"}), Text("Done."))
-    client = stack.client()
+    client = stack.new_async_client()
     completion = await client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "go"}],
@@ -459,7 +459,7 @@ async def test_openwebui_render_mode(stack: Stack) -> None:
 async def test_delete_session_shuts_its_kernel(stack: Stack) -> None:
     stack.llm.script(ToolCall("execute_code", {"code": "import os; os.getpid()"}), Text("ok"))
     await stream_turn(stack, "del-1", "pid?")
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         info = (await http.get("/v1/sessions/del-1/kernel")).json()
         deleted = (await http.delete("/v1/sessions/del-1")).json()
         assert deleted == {
@@ -483,7 +483,7 @@ async def test_provider_500_before_streaming_is_retried(stack: Stack) -> None:
 
 
 async def test_tool_rounds_are_bounded(start_stack) -> None:
-    stack: Stack = await start_stack(max_tool_rounds=2)
+    stack: Stack = start_stack(max_tool_rounds=2)
     stack.llm.script(
         ToolCall("execute_code", {"code": "1"}), ToolCall("execute_code", {"code": "2"})
     )
@@ -493,7 +493,7 @@ async def test_tool_rounds_are_bounded(start_stack) -> None:
 
 
 async def test_invalid_tool_arguments_are_fed_back(stack: Stack) -> None:
-    from tests.support.fake_llm import ToolCall as Call
+    from kernel_agent_pytest.scripted_llm import ToolCall as Call
 
     stack.llm.script(Call("execute_code", "{not json"), Text("Sorry."))
     content, _ = await stream_turn(stack, "badargs-1", "go")
@@ -503,7 +503,7 @@ async def test_invalid_tool_arguments_are_fed_back(stack: Stack) -> None:
 
 
 async def test_dns_rebinding_is_refused(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         rebound = await http.post(
             "/v1/sessions/evil/execute",
             json={"code": "import os; os.getpid()"},
@@ -515,7 +515,7 @@ async def test_dns_rebinding_is_refused(stack: Stack) -> None:
         assert foreign.status_code == 403
         local = await http.get("/v1/sessions", headers={"Origin": "http://localhost:3000"})
         assert local.status_code == 200
-    async with httpx.AsyncClient(base_url=stack.kernel_mcp.url) as http:
+    async with httpx.AsyncClient(base_url=stack.kernel_mcp.base_url) as http:
         kernel_side = await http.post("/mcp", json={}, headers={"Host": "attacker.example"})
     assert kernel_side.status_code == 421, "kernel_mcp refuses it too"
 
@@ -535,12 +535,12 @@ async def test_model_cannot_call_hidden_tools(stack: Stack) -> None:
 
 @pytest.mark.both_stores
 async def test_signed_image_links_work_without_a_key(start_stack) -> None:
-    stack: Stack = await start_stack(api_keys=["k-1"])
+    stack: Stack = start_stack(api_keys=["k-1"])
     stack.llm.script(
         ToolCall("execute_code", {"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2])"}),
         Text("plotted"),
     )
-    client = stack.client(api_key="k-1")
+    client = stack.new_async_client(api_key="k-1")
     completion = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "plot"}]
     )
@@ -558,7 +558,7 @@ async def test_signed_image_links_work_without_a_key(start_stack) -> None:
 
 
 async def test_whitespace_code_runs(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.agent.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         response = await http.post("/v1/sessions/ws-1/execute", json={"code": "   "})
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
@@ -571,7 +571,7 @@ async def test_unexpected_errors_are_openai_shaped(
         raise RuntimeError("secret detail of a bug")
 
     monkeypatch.setattr(stack.services.store, "list_sessions", broken)
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.get("/v1/sessions")
     assert response.status_code == 500
     assert response.headers["x-should-retry"] == "false"

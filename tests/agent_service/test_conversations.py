@@ -12,7 +12,7 @@ import litellm
 import pytest
 
 from agent_service.store import Event
-from tests.support.fake_llm import Gate, Hold, Text, ToolCall
+from kernel_agent_pytest.scripted_llm import Gate, Hold, Text, ToolCall
 
 from .conftest import Stack
 from .test_chat import stream_turn
@@ -35,7 +35,7 @@ def tokens(request: dict[str, Any]) -> int:
 @pytest.mark.timeout(240)
 @pytest.mark.both_stores
 async def test_forty_turns_stay_within_the_budget_and_remember_turn_one(start_stack) -> None:
-    stack: Stack = await start_stack(max_input_tokens=BUDGET)
+    stack: Stack = start_stack(max_input_tokens=BUDGET)
     stack.llm.script(
         ToolCall("execute_code", {"code": "data = list(range(1000))\nprint(data)"}),
         Text("Stored 1000 numbers."),
@@ -72,7 +72,7 @@ async def test_forty_turns_stay_within_the_budget_and_remember_turn_one(start_st
     assert elided
     assert elided[0].startswith("[0, 1, 2, 3")
     # The transcript and the notebook keep everything.
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         session = (await http.get("/v1/sessions/long-1")).json()
     assert session["turns"] == 40
     first = next(e for e in session["events"] if e["type"] == "tool_result")
@@ -83,7 +83,7 @@ async def test_forty_turns_stay_within_the_budget_and_remember_turn_one(start_st
 @pytest.mark.both_stores
 async def test_a_turn_reads_only_what_fits(start_stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """300 stored turns with a plot each: the next turn reads a few small rows, no outputs."""
-    stack: Stack = await start_stack(max_input_tokens=BUDGET)
+    stack: Stack = start_stack(max_input_tokens=BUDGET)
     store = stack.services.store
     store.create_session("big-1", MODEL)
     png = base64.b64encode(b"\x89PNG" + bytes(100_000)).decode()
@@ -133,7 +133,7 @@ async def test_a_turn_reads_only_what_fits(start_stack, monkeypatch: pytest.Monk
 @pytest.mark.both_stores
 async def test_full_history_client_without_an_id_keeps_its_kernel(stack: Stack) -> None:
     """The README's example with no header: the same session, turn after turn."""
-    client = stack.client()
+    client = stack.new_async_client()
     messages: list[dict[str, str]] = [{"role": "system", "content": "Be brief."}]
     sessions = []
     for code, question, answer in [
@@ -160,15 +160,15 @@ async def test_full_history_client_without_an_id_keeps_its_kernel(stack: Stack) 
     edited = [*messages[:2], {"role": "assistant", "content": "Something else."}, messages[3]]
     forked = await client.chat.completions.with_raw_response.create(model=MODEL, messages=edited)
     assert forked.headers["x-session-id"] not in sessions
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         listed = (await http.get("/v1/sessions")).json()["data"]
     assert sessions[0] in [s["id"] for s in listed]
     assert len(listed) == 3
 
 
 async def test_request_parameters_reach_the_model_under_the_cap(start_stack) -> None:
-    stack: Stack = await start_stack(max_tokens=64)
-    client = stack.client()
+    stack: Stack = start_stack(max_tokens=64)
+    client = stack.new_async_client()
     stack.llm.script(Text("one"), Text("two"), Text("three"))
     await client.chat.completions.create(
         model=MODEL,
@@ -201,7 +201,7 @@ async def test_request_parameters_reach_the_model_under_the_cap(start_stack) -> 
     assert third["max_tokens"] == 64
     assert "temperature" not in third
     assert "seed" not in third
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         bad = await http.post(
             "/v1/chat/completions",
             json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 3},
@@ -211,8 +211,8 @@ async def test_request_parameters_reach_the_model_under_the_cap(start_stack) -> 
 
 
 async def test_models_setting_lists_and_routes_models(start_stack) -> None:
-    stack: Stack = await start_stack(models=["hosted_vllm/other", "hosted_vllm/third"])
-    client = stack.client()
+    stack: Stack = start_stack(models=["hosted_vllm/other", "hosted_vllm/third"])
+    client = stack.new_async_client()
     listed = [m.id for m in (await client.models.list()).data]
     assert listed == ["kernel-agent", "hosted_vllm/fake", "hosted_vllm/other", "hosted_vllm/third"]
     stack.llm.script(Text("default"), Text("other"))
@@ -254,7 +254,7 @@ async def test_openwebui_title_request_racing_the_first_turn(stack: Stack) -> No
         Text('{ "tags": ["Math"] }'),
         Text('{ "follow_ups": ["Why 5?"] }'),
     )
-    async with httpx.AsyncClient(base_url=stack.agent.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         title = asyncio.create_task(
             http.post(
                 "/v1/chat/completions",
@@ -263,7 +263,7 @@ async def test_openwebui_title_request_racing_the_first_turn(stack: Stack) -> No
             )
         )
         await stack.llm.wait_for_requests(1)  # the title task is with the model, held
-        client = stack.client(max_retries=0)
+        client = stack.new_async_client(max_retries=0)
         stream = await client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "add 2 and 3"}],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,41 +13,9 @@ import pytest
 from agent_service.config import Settings as AgentSettings
 from agent_service.errors import KernelServiceError
 from agent_service.kernel_client import KernelClient
-from kernel_mcp.config import Settings as KernelSettings
-from kernel_mcp.server import create_server
-
-from .conftest import RunningServer
+from kernel_agent_pytest import KernelMcpServer
 
 pytestmark = pytest.mark.kernel
-
-
-class KernelService:
-    """kernel_mcp on a fixed port that can be stopped and started again."""
-
-    def __init__(self, root: Path) -> None:
-        self.settings = KernelSettings(
-            workspace=root / "ws", runtime_dir=root / "rt", pool_size=0, interrupt_grace=1.0
-        )
-        self.server: RunningServer | None = None
-        self.port: int | None = None
-
-    async def start(self) -> None:
-        app = create_server(self.settings).http_app(path="/mcp", host_origin_protection=True)
-        server = RunningServer(app)
-        if self.port is not None:
-            server.port = self.port
-            server.server.config.port = self.port
-        self.server = await server.start()
-        self.port = server.port
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop()
-            self.server = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
 
 
 @pytest.fixture
@@ -59,15 +27,13 @@ def short_tmp() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def kernel_service(short_tmp: Path) -> AsyncIterator[KernelService]:
-    service = KernelService(short_tmp)
-    await service.start()
-    yield service
-    await service.stop()
+def kernel_service(kernel_mcp_server_factory: Callable[..., KernelMcpServer]) -> KernelMcpServer:
+    """kernel_mcp on a fixed port that can be stopped and started again (the plugin's)."""
+    return kernel_mcp_server_factory(pool_size=0, interrupt_grace=1.0)
 
 
 @pytest.fixture
-async def client(kernel_service: KernelService, short_tmp: Path) -> AsyncIterator[KernelClient]:
+async def client(kernel_service: KernelMcpServer, short_tmp: Path) -> AsyncIterator[KernelClient]:
     settings = AgentSettings(mcp_url=kernel_service.url, data_dir=short_tmp / "data")
     kernels = KernelClient(settings)
     yield kernels
@@ -95,24 +61,24 @@ async def test_one_kept_connection_per_session(client: KernelClient) -> None:
 
 
 async def test_reconnects_when_kernel_mcp_restarts(
-    client: KernelClient, kernel_service: KernelService
+    client: KernelClient, kernel_service: KernelMcpServer
 ) -> None:
     async with client.session("s1") as kernel:
         before = await kernel.call("execute_code", {"code": "kept = 1"})
     assert before.result is not None
-    await kernel_service.stop()
-    await kernel_service.start()  # same port, a new process state: new kernels
+    kernel_service.stop()
+    kernel_service.start()  # same port, a new process state: new kernels
     async with client.session("s1") as kernel:
         after = await kernel.call("execute_code", {"code": "'kept' in globals()"})
     assert after.result is not None
     assert after.text == "False"
     assert after.result.incarnation != before.result.incarnation, "the change is detectable"
     assert client.stats()["opened"] == 1, "the kept connection carried on"
-    await kernel_service.stop()
+    kernel_service.stop()
     async with client.session("s1") as kernel:
         with pytest.raises(KernelServiceError):
             await kernel.call("execute_code", {"code": "1"})
-    await kernel_service.start()
+    kernel_service.start()
     async with client.session("s1") as kernel:
         back = await kernel.call("execute_code", {"code": "6 * 7"})
         info = await kernel.call("kernel_info", {})

@@ -17,8 +17,8 @@ import pytest
 
 from agent_service.notebook import build_notebook, validate
 from agent_service.sqlite_store import SqliteStore
+from kernel_agent_pytest.scripted_llm import Text, ToolCall
 from tests.kernel_mcp.conftest import free_port
-from tests.support.fake_llm import Text, ToolCall
 
 from .conftest import Stack
 from .test_chat import stream_turn
@@ -40,7 +40,7 @@ async def on_disk(path: Path, code_cells: int, within: float = 10) -> nbformat.N
 
 
 async def _notebook(stack: Stack, session: str) -> tuple[httpx.Response, nbformat.NotebookNode]:
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.get(f"/v1/sessions/{session}/notebook")
     assert response.status_code == 200, response.text
     return response, nbformat.reads(response.text, as_version=4)
@@ -140,7 +140,7 @@ async def test_notebook_file_is_never_half_written(stack: Stack) -> None:
 
 
 async def test_unknown_session_notebook_is_404(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.get("/v1/sessions/missing/notebook")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "session_not_found"
@@ -234,7 +234,7 @@ async def test_user_messages_render_as_written(stack: Stack) -> None:
     )
     stack.llm.script(Text("Sure."))
     await stream_turn(stack, "nb-literal", message)
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.get("/v1/sessions/nb-literal/notebook")
     notebook = nbformat.reads(response.text, as_version=4)
     source = notebook.cells[0].source
@@ -250,7 +250,7 @@ async def test_user_messages_render_as_written(stack: Stack) -> None:
 async def test_attach_to_the_session_kernel_from_its_connection_file(stack: Stack) -> None:
     stack.llm.script(ToolCall("execute_code", {"code": "secret = 'from the agent'"}), Text("Set."))
     await stream_turn(stack, "nb-attach", "set a variable")
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         info = (await http.get("/v1/sessions/nb-attach/kernel")).json()
     assert info["console_command"] == f"jupyter console --existing {info['connection_file']}"
     from jupyter_client.asynchronous import AsyncKernelClient
@@ -308,7 +308,7 @@ async def test_jupyter_server_lists_session_kernels(stack: Stack, tmp_path: Path
         assert kernels is not None, "jupyter server did not start"
         assert len(kernels) == 1, "the session kernel, and not the pool's"
         # Listed under the name the agent's kernel endpoint reports for the session.
-        async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+        async with httpx.AsyncClient(base_url=stack.url) as http:
             reported = (await http.get("/v1/sessions/nb-lab/kernel")).json()
         assert reported["kernel_name"] == "kernel-agent-nb-lab"
         assert kernels[0]["name"] == reported["kernel_name"]
@@ -321,9 +321,9 @@ async def test_reading_the_kernel_of_a_chat_only_session_starts_nothing(stack: S
     stack.llm.script(Text("Just words."))
     await stream_turn(stack, "nb-chat-only", "hello")
     async with httpx.AsyncClient() as http:
-        health = f"{stack.kernel_mcp.url}/health"
+        health = f"{stack.kernel_mcp.base_url}/health"
         before = (await http.get(health)).json()["kernels_running"]
-        response = await http.get(f"{stack.agent.url}/v1/sessions/nb-chat-only/kernel")
+        response = await http.get(f"{stack.url}/v1/sessions/nb-chat-only/kernel")
         after = (await http.get(health)).json()["kernels_running"]
     assert response.status_code == 200
     assert response.json()["running"] is False

@@ -9,7 +9,7 @@ import pytest
 from openai import NotFoundError
 
 from agent_service.security import ImageLinks
-from tests.support.fake_llm import Text, ToolCall
+from kernel_agent_pytest.scripted_llm import Text, ToolCall
 
 from .conftest import Stack
 
@@ -27,15 +27,15 @@ def _auth(key: str) -> dict[str, str]:
 
 @pytest.mark.both_stores
 async def test_sessions_belong_to_their_key(start_stack) -> None:
-    stack: Stack = await start_stack(api_keys=[ALICE, BOB], admin_keys=[ADMIN], secret_key=SECRET)
+    stack: Stack = start_stack(api_keys=[ALICE, BOB], admin_keys=[ADMIN], secret_key=SECRET)
     stack.llm.script(ToolCall("execute_code", {"code": "mine = 'alice'"}), Text("Kept."))
-    alice = stack.client(api_key=ALICE)
+    alice = stack.new_async_client(api_key=ALICE)
     await alice.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "keep mine"}],
         extra_headers={"X-Session-Id": "alice-1"},
     )
-    bob = stack.client(api_key=BOB, max_retries=0)
+    bob = stack.new_async_client(api_key=BOB, max_retries=0)
     with pytest.raises(NotFoundError) as info:
         await bob.chat.completions.create(
             model=MODEL,
@@ -43,7 +43,7 @@ async def test_sessions_belong_to_their_key(start_stack) -> None:
             extra_headers={"X-Session-Id": "alice-1"},
         )
     assert info.value.code == "session_not_found"
-    async with httpx.AsyncClient(base_url=stack.agent.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         listed = (await http.get("/v1/sessions", headers=_auth(BOB))).json()["data"]
         assert listed == []
         for method, path in [
@@ -82,9 +82,9 @@ async def test_sessions_belong_to_their_key(start_stack) -> None:
 
 @pytest.mark.both_stores
 async def test_image_links_are_signed_expire_and_use_no_client_key(start_stack) -> None:
-    stack: Stack = await start_stack(api_keys=[ALICE], secret_key=SECRET, image_link_ttl=3600)
+    stack: Stack = start_stack(api_keys=[ALICE], secret_key=SECRET, image_link_ttl=3600)
     stack.llm.script(ToolCall("execute_code", {"code": PLOT}), Text("plotted"))
-    completion = await stack.client(api_key=ALICE).chat.completions.create(
+    completion = await stack.new_async_client(api_key=ALICE).chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "plot"}],
         extra_headers={"X-Session-Id": "img-1"},

@@ -1,8 +1,8 @@
 """Replicas of agent_service on one PostgreSQL database and one kernel_mcp (issue 18).
 
-Replica A is the stack's agent service; replica B is a second one on the same settings
-but its own data and notebooks folders, so nothing is shared but the database and
-kernel_mcp. The kill test runs A as a process of its own.
+Replica A is the stack's agent service; replica B is a second one (the stack's
+`start_replica`) on the same settings but its own data and notebooks folders, so nothing is
+shared but the database and kernel_mcp. The kill test runs A as a process of its own.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -19,11 +19,10 @@ import psycopg
 import pytest
 from openai import AsyncOpenAI
 
-from agent_service.app import create_app
 from agent_service.postgres.replicas import CHANNEL
-from tests.support.fake_llm import Gate, Hold, Text, ToolCall
+from kernel_agent_pytest import Gate, Hold, ServerThread, Text, ToolCall
 
-from .conftest import RunningServer, Stack
+from .conftest import Stack
 
 pytestmark = pytest.mark.kernel
 
@@ -37,14 +36,9 @@ def store_kind() -> str:
 
 
 @pytest.fixture
-async def replica_b(stack: Stack) -> AsyncIterator[RunningServer]:
+def replica_b(stack: Stack) -> ServerThread:
     """A second agent service on the stack's database and kernel_mcp, nothing else shared."""
-    settings = stack.agent_settings.model_copy(
-        update={"data_dir": stack.root / "data-b", "notebooks_dir": stack.root / "notebooks-b"}
-    )
-    server = await RunningServer(create_app(settings)).start()
-    yield server
-    await server.stop()
+    return stack.start_replica()
 
 
 async def turn(url: str, session: str, text: str) -> str:
@@ -80,16 +74,16 @@ async def until(check: Callable[[], Awaitable[Any]], what: str) -> Any:
         await asyncio.sleep(0.05)
 
 
-async def test_turn_two_on_b_sees_turn_one_of_a(stack: Stack, replica_b: RunningServer) -> None:
+async def test_turn_two_on_b_sees_turn_one_of_a(stack: Stack, replica_b: ServerThread) -> None:
     stack.llm.script(ToolCall("execute_code", {"code": "x = 41"}), Text("Set."))
-    await turn(stack.agent.url, "rep-1", "set x to 41")
+    await turn(stack.url, "rep-1", "set x to 41")
     stack.llm.script(ToolCall("execute_code", {"code": "print(x + 1)"}), Text("It is 42."))
     content = await turn(replica_b.url, "rep-1", "print x + 1")
     assert "```text\n42\n```" in content, "B's turn ran in the kernel A's turn left"
     sent = stack.llm.requests[2]["messages"]
     assert [m["content"] for m in sent if m["role"] == "user"] == ["set x to 41", "print x + 1"]
     async with (
-        httpx.AsyncClient(base_url=stack.agent.url) as on_a,
+        httpx.AsyncClient(base_url=stack.url) as on_a,
         httpx.AsyncClient(base_url=replica_b.url) as on_b,
     ):
         for http in (on_a, on_b):
@@ -110,12 +104,12 @@ async def test_turn_two_on_b_sees_turn_one_of_a(stack: Stack, replica_b: Running
 
 
 async def test_simultaneous_turns_through_a_and_b_give_exactly_one_409(
-    stack: Stack, replica_b: RunningServer
+    stack: Stack, replica_b: ServerThread
 ) -> None:
     gate = Gate()
     stack.llm.script(Hold(gate, Text("I went first.")))
     async with (
-        httpx.AsyncClient(base_url=stack.agent.url) as on_a,
+        httpx.AsyncClient(base_url=stack.url) as on_a,
         httpx.AsyncClient(base_url=replica_b.url) as on_b,
     ):
         both = [
@@ -145,12 +139,12 @@ async def test_simultaneous_turns_through_a_and_b_give_exactly_one_409(
         assert again.status_code == 200, "the lock was released at the end of the turn"
 
 
-async def test_clear_cache_on_a_is_seen_by_b(stack: Stack, replica_b: RunningServer) -> None:
+async def test_clear_cache_on_a_is_seen_by_b(stack: Stack, replica_b: ServerThread) -> None:
     stack.llm.script(Text("one"), Text("two"), Text("three"))
-    await turn(stack.agent.url, "rep-3", "a")
+    await turn(stack.url, "rep-3", "a")
     await turn(replica_b.url, "rep-4", "b")
     async with (
-        httpx.AsyncClient(base_url=stack.agent.url) as on_a,
+        httpx.AsyncClient(base_url=stack.url) as on_a,
         httpx.AsyncClient(base_url=replica_b.url) as on_b,
     ):
         names = {
@@ -201,7 +195,7 @@ async def test_kill_9_of_a_mid_turn_frees_the_session_for_b(stack: Stack, agent_
     stack.llm.script(Hold(gate, Text("A never says this.")), Text("B answers."))
     async with (
         httpx.AsyncClient(base_url=replica_a.url) as on_a,
-        httpx.AsyncClient(base_url=stack.agent.url) as on_b,
+        httpx.AsyncClient(base_url=stack.url) as on_b,
     ):
         held = asyncio.create_task(post_turn(on_a, "rep-5", "first question"))
         await stack.llm.wait_for_requests(1, within=DEADLINE)  # A holds the lock in its turn
@@ -227,17 +221,15 @@ async def test_kill_9_of_a_mid_turn_frees_the_session_for_b(stack: Stack, agent_
     ], "B's turn carries what A stored before it died"
 
 
-async def test_history_kept_in_memory_is_never_stale(
-    stack: Stack, replica_b: RunningServer
-) -> None:
+async def test_history_kept_in_memory_is_never_stale(stack: Stack, replica_b: ServerThread) -> None:
     """A keeps turn 1's history; B deletes the session and makes a new turn 1 under its id."""
     stack.llm.script(Text("first answer"))
-    await turn(stack.agent.url, "rep-6", "first question")
+    await turn(stack.url, "rep-6", "first question")
     async with httpx.AsyncClient(base_url=replica_b.url) as on_b:
         assert (await on_b.delete("/v1/sessions/rep-6")).status_code == 200
     stack.llm.script(Text("other answer"), Text("ok"))
     await turn(replica_b.url, "rep-6", "other question")
-    await turn(stack.agent.url, "rep-6", "next question")
+    await turn(stack.url, "rep-6", "next question")
     sent = [m["content"] for m in stack.llm.requests[-1]["messages"] if m["role"] != "system"]
     assert sent == ["other question", "other answer", "next question"], (
         "A read the session again: the version it kept was no longer the session's"
@@ -245,10 +237,10 @@ async def test_history_kept_in_memory_is_never_stale(
 
 
 async def test_a_replica_at_its_turn_limit_says_so_at_once(start_stack) -> None:
-    stack: Stack = await start_stack(database_max_turns=1)
+    stack: Stack = start_stack(database_max_turns=1)
     gate = Gate()
     stack.llm.script(Hold(gate, Text("done")), Text("after"))
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         running = asyncio.create_task(post_turn(http, "rep-7", "long"))
         await stack.llm.wait_for_requests(1, within=DEADLINE)
         refused = await post_turn(http, "rep-8", "another session")
@@ -261,7 +253,7 @@ async def test_a_replica_at_its_turn_limit_says_so_at_once(start_stack) -> None:
 
 
 async def test_connections_the_server_cuts_are_replaced(
-    stack: Stack, replica_b: RunningServer
+    stack: Stack, replica_b: ServerThread
 ) -> None:
     """Every backend of the database is terminated: the replicas reconnect by themselves."""
     url = stack.agent_settings.postgres_url
@@ -277,7 +269,7 @@ async def test_connections_the_server_cuts_are_replaced(
         return int(row[0]) if row else 0
 
     stack.llm.script(Text("zero"))
-    await turn(stack.agent.url, "rep-9", "before")  # pooled connections of every kind exist
+    await turn(stack.url, "rep-9", "before")  # pooled connections of every kind exist
     assert listeners() == 2
     with psycopg.connect(url, autocommit=True) as db:
         db.execute(
@@ -290,10 +282,10 @@ async def test_connections_the_server_cuts_are_replaced(
 
     await until(both_listen, "both replicas listen again")
     stack.llm.script(Text("one"), Text("two"))
-    await turn(stack.agent.url, "rep-9", "on A")
+    await turn(stack.url, "rep-9", "on A")
     await turn(replica_b.url, "rep-9", "on B")
     async with (
-        httpx.AsyncClient(base_url=stack.agent.url) as on_a,
+        httpx.AsyncClient(base_url=stack.url) as on_a,
         httpx.AsyncClient(base_url=replica_b.url) as on_b,
     ):
         assert (await on_b.get("/admin/cache-stats")).json()["cached"] is True

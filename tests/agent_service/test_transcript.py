@@ -15,7 +15,7 @@ import httpx
 import nbformat
 import pytest
 
-from tests.support.fake_llm import Text, ToolCall
+from kernel_agent_pytest.scripted_llm import Text, ToolCall
 
 from .conftest import Stack
 from .test_chat import stream_turn
@@ -33,7 +33,7 @@ COUNTING = (
 async def test_kernel_mcp_restart_is_noted_and_the_notebook_replays(stack: Stack) -> None:
     stack.llm.script(ToolCall("execute_code", {"code": "x = 41"}), Text("Set."))
     await stream_turn(stack, "kc-1", "set x")
-    await stack.restart_kernel_mcp()
+    stack.restart_kernel_mcp()
     stack.llm.script(
         ToolCall("execute_code", {"code": "print(x + 1)"}), Text("x is gone; redefining.")
     )
@@ -167,7 +167,7 @@ async def test_sigterm_mid_stream_sends_an_error_event_and_done(
 async def test_lone_surrogates_are_refused_and_nothing_is_stored(stack: Stack) -> None:
     bad = '{"model": "kernel-agent", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
     headers = {"content-type": "application/json"}
-    async with httpx.AsyncClient(base_url=stack.agent.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         fresh = await http.post("/v1/chat/completions", content=bad, headers=headers)
         assert fresh.status_code == 400, fresh.text
         assert fresh.json()["error"]["type"] == "invalid_request_error"
@@ -194,9 +194,9 @@ async def test_lone_surrogates_are_refused_and_nothing_is_stored(stack: Stack) -
 
 
 async def test_kernel_mcp_down_says_computation_is_unavailable(stack: Stack) -> None:
-    await stack.kernel_mcp.stop()
+    stack.kernel_mcp.stop()
     stack.llm.script(Text(""))
-    completion = await stack.client().chat.completions.create(
+    completion = await stack.new_async_client().chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "compute 2 + 2"}],
         extra_headers={"X-Session-Id": "down-1"},
@@ -204,7 +204,7 @@ async def test_kernel_mcp_down_says_computation_is_unavailable(stack: Stack) -> 
     content = completion.choices[0].message.content
     assert content.startswith("> **Note:** Computation is unavailable")
     assert "tools" not in stack.llm.requests[0]
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         session = (await http.get("/v1/sessions/down-1")).json()
     notes = [e for e in session["events"] if e["type"] == "note"]
     assert notes[0]["kind"] == "kernel_unavailable"
@@ -217,7 +217,7 @@ async def test_chunked_body_over_the_limit_is_413(stack: Stack) -> None:
             yield b"x" * 100_000
         yield b'"}]}'
 
-    async with httpx.AsyncClient(base_url=stack.agent.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         response = await http.post(
             "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
         )
@@ -239,9 +239,9 @@ async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
 
 
 async def test_too_many_messages_are_refused(start_stack) -> None:
-    stack: Stack = await start_stack(max_request_messages=50)
+    stack: Stack = start_stack(max_request_messages=50)
     messages = [{"role": "user", "content": f"m{i}"} for i in range(51)]
-    async with httpx.AsyncClient(base_url=stack.agent.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.post(
             "/v1/chat/completions", json={"model": MODEL, "messages": messages}
         )

@@ -1,5 +1,5 @@
 """The whole stack, as the agent_service tests build it."""
 
-from tests.agent_service.conftest import database_url, stack, start_stack, store_kind
+from tests.agent_service.conftest import stack, start_stack
 
-__all__ = ["database_url", "stack", "start_stack", "store_kind"]
+__all__ = ["stack", "start_stack"]

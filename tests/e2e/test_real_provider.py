@@ -27,8 +27,8 @@ def _model() -> tuple[str, str]:
 
 async def test_a_real_model_computes_in_the_kernel(start_stack: Callable[..., Any]) -> None:
     model, key = _model()
-    stack: Stack = await start_stack(model=model, api_base=None, api_key=key)
-    client = stack.client()
+    stack: Stack = start_stack(model=model, api_base=None, api_key=key)
+    client = stack.new_async_client()
     answer = await client.chat.completions.create(
         model="kernel-agent",
         messages=[

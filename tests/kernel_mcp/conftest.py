@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
+from kernel_agent_pytest import KernelMcpServer
 from kernel_mcp.config import Settings
 from kernel_mcp.gateway_kernel import GatewayBackend, GatewayKernel
 from kernel_mcp.local_kernel import LocalBackend, LocalKernel
@@ -290,33 +291,15 @@ def free_port() -> int:
 
 
 @pytest.fixture
-async def serve_http(
+def serve_http(
     make_settings: Callable[..., Settings],
-) -> AsyncIterator[Callable[..., Any]]:
-    """Factory: serve kernel_mcp over real HTTP on a free port; returns its base URL."""
-    import uvicorn
+    kernel_mcp_server_factory: Callable[..., KernelMcpServer],
+) -> Callable[..., str]:
+    """Factory: kernel_mcp over real HTTP on a free port (the plugin's server factory) with
+    this suite's settings (`make_settings`); returns its base URL. Stopped after the test."""
 
-    from kernel_mcp.server import create_server
-
-    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
-
-    async def serve(**overrides: Any) -> str:
+    def serve(**overrides: Any) -> str:
         settings = make_settings(**overrides)
-        app = create_server(settings).http_app(path="/mcp", host_origin_protection=True)
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-        )
-        task = asyncio.create_task(server.serve())
-        servers.append((server, task))
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert not task.done(), "the server failed to start"
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        return f"http://127.0.0.1:{port}"
+        return kernel_mcp_server_factory(**settings.model_dump()).base_url
 
-    yield serve
-    for server, task in servers:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
+    return serve

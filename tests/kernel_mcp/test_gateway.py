@@ -103,8 +103,8 @@ async def _mcp_call(base: str, session: str, code: str) -> Any:
 async def test_two_kernel_mcp_servers_over_http_share_a_session(
     serve_http: Callable[..., Any],
 ) -> None:
-    first = await serve_http()
-    second = await serve_http()
+    first = serve_http()
+    second = serve_http()
     await _mcp_call(first, "shared-1", "import os; pid = os.getpid(); data = [1, 2, 3]")
     result = await _mcp_call(second, "shared-1", "sum(data), pid == os.getpid()")
     assert result.structured_content["status"] == "ok"
@@ -233,7 +233,7 @@ async def test_a_kernel_the_gateway_refuses_is_a_clear_error(start_manager: Any)
 async def test_health_answers_while_the_gateway_is_down(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http(backend="gateway", gateway_url="http://127.0.0.1:9")
+    base = serve_http(backend="gateway", gateway_url="http://127.0.0.1:9")
     async with httpx.AsyncClient() as client:
         health = await client.get(f"{base}/health")
     assert health.status_code == 200

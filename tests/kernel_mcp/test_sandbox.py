@@ -265,7 +265,7 @@ async def test_health_reports_the_sandbox(running_stack: RunningStack) -> None:
 
 
 async def test_host_network_opts_in(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http(sandbox="bwrap", kernel_network="host")
+    base = serve_http(sandbox="bwrap", kernel_network="host")
     port = int(base.rsplit(":", 1)[1])
     code = (
         "import urllib.request\n"
@@ -398,7 +398,7 @@ async def test_file_tools_cannot_be_raced_out_of_the_session_folder(
 ) -> None:
     outside = short_tmp / "outside.txt"
     outside.write_text("OUTSIDE")
-    base = await serve_http(sandbox="bwrap")
+    base = serve_http(sandbox="bwrap")
     transport = StreamableHttpTransport(f"{base}/mcp", headers={"X-Session-Id": "race"})
     outcomes: dict[str, int] = {}
     async with Client(transport) as client:
@@ -469,7 +469,7 @@ async def test_missing_bwrap_is_a_clear_start_up_error(
 
 
 async def test_unsandboxed_mode_is_flagged(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http(sandbox="none")
+    base = serve_http(sandbox="none")
     async with httpx.AsyncClient() as http:
         health = (await http.get(f"{base}/health")).json()
     assert health["sandbox"] == "none"

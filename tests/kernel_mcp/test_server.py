@@ -99,7 +99,7 @@ async def test_invalid_skill_is_skipped_and_new_ones_appear(
     broken = skills / "Broken_Skill"
     broken.mkdir()
     (broken / "SKILL.md").write_text("no front matter here\n")
-    base = await serve_http(skills_dir=skills)
+    base = serve_http(skills_dir=skills)
     async with httpx.AsyncClient() as http:
         names = {s["name"] for s in (await http.get(f"{base}/skills")).json()}
         assert "sympy-math" in names
@@ -120,7 +120,7 @@ async def test_invalid_skill_is_skipped_and_new_ones_appear(
 
 
 async def test_http_plot_arrives_as_image_content(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with http_client(base, "plots") as client:
         code = "import matplotlib.pyplot as plt\nplt.plot([3, 1, 2]); plt.title('t'); plt.show()"
         result = await run(client, code, timeout=60)
@@ -132,7 +132,7 @@ async def test_http_plot_arrives_as_image_content(serve_http: Callable[..., Any]
 
 
 async def test_http_dataframe_html_in_structured_outputs(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with http_client(base, "frames") as client:
         code = "import pandas as pd\npd.DataFrame({'city': ['Oslo', 'Lima'], 'n': [1, 2]})"
         result = await run(client, code, timeout=60)
@@ -143,7 +143,7 @@ async def test_http_dataframe_html_in_structured_outputs(serve_http: Callable[..
 
 
 async def test_two_clients_get_two_kernels(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with http_client(base) as first, http_client(base) as second:
         await run(first, "who = 'first'")
         await run(second, "who = 'second'")
@@ -156,7 +156,7 @@ async def test_two_clients_get_two_kernels(serve_http: Callable[..., Any]) -> No
 
 
 async def test_same_session_header_reaches_the_same_kernel(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with http_client(base, "shared-1") as client:
         await run(client, "kept = [1, 2, 3]")
         first_id = (await client.call_tool("kernel_info", {})).structured_content["kernel_id"]
@@ -168,7 +168,7 @@ async def test_same_session_header_reaches_the_same_kernel(serve_http: Callable[
 
 
 async def test_modern_protocol_uses_the_header(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     transport = StreamableHttpTransport(f"{base}/mcp", headers={"X-Session-Id": "modern"})
     async with Client(transport) as client:
         await run(client, "y = 5")
@@ -176,7 +176,7 @@ async def test_modern_protocol_uses_the_header(serve_http: Callable[..., Any]) -
 
 
 async def test_timeout_returns_quickly_and_state_survives(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with http_client(base, "t1") as client:
         await run(client, "kept = 'yes'")
         started = time.monotonic()
@@ -190,7 +190,7 @@ async def test_timeout_returns_quickly_and_state_survives(serve_http: Callable[.
 async def test_kernel_death_is_reported_and_next_call_works(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with http_client(base, "d1") as client:
         result = await run(client, "import os; os._exit(1)")
         assert result.structured_content["status"] == "kernel_died"
@@ -200,7 +200,7 @@ async def test_kernel_death_is_reported_and_next_call_works(
 
 
 async def test_files_are_confined_to_the_session_folder(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with http_client(base, "f1") as client:
         await client.call_tool("write_file", {"path": "data/notes.txt", "content": "héllo"})
         assert (await run(client, "open('data/notes.txt').read()")).content[0].text == "'héllo'"
@@ -219,7 +219,7 @@ async def test_files_are_confined_to_the_session_folder(serve_http: Callable[...
 
 
 async def test_token_is_required_when_set(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http(token="s3cret")
+    base = serve_http(token="s3cret")
     async with httpx.AsyncClient() as http:
         denied = await http.post(f"{base}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
         assert denied.status_code == 401
@@ -229,7 +229,7 @@ async def test_token_is_required_when_set(serve_http: Callable[..., Any]) -> Non
 
 
 async def test_foreign_origin_is_refused(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with httpx.AsyncClient() as http:
         evil = await http.get(f"{base}/health", headers={"Origin": "http://evil.example"})
         local = await http.get(f"{base}/health", headers={"Origin": "http://localhost:3000"})
@@ -238,7 +238,7 @@ async def test_foreign_origin_is_refused(serve_http: Callable[..., Any]) -> None
 
 
 async def test_health_reports_kernels(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with http_client(base, "h1") as client:
         await run(client, "1")
     async with httpx.AsyncClient() as http:
@@ -250,7 +250,7 @@ async def test_health_reports_kernels(serve_http: Callable[..., Any]) -> None:
 
 @pytest.mark.gateway
 async def test_live_output_arrives_during_a_slow_cell(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     seen: list[tuple[float, str]] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -271,7 +271,7 @@ async def test_live_output_arrives_during_a_slow_cell(serve_http: Callable[..., 
 
 @pytest.mark.gateway
 async def test_cancelled_call_interrupts_the_kernel(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with http_client(base, "c1") as client:
         await run(client, "kept = 1")
         task = asyncio.create_task(run(client, "import time; time.sleep(60)"))
@@ -290,7 +290,7 @@ async def test_official_mcp_sdk_client(serve_http: Callable[..., Any]) -> None:
     from mcp import ClientSession
     from mcp.client.streamable_http import streamable_http_client
 
-    base = await serve_http(token="tok")
+    base = serve_http(token="tok")
     headers = {"X-Session-Id": "sdk-1", "Authorization": "Bearer tok"}
     logs: list[str] = []
 
@@ -321,7 +321,7 @@ async def test_official_mcp_sdk_client(serve_http: Callable[..., Any]) -> None:
 async def test_shutdown_kernel_frees_it_and_next_call_starts_fresh(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with http_client(base, "bye") as client:
         await run(client, "kept = 1")
         pid = (await client.call_tool("kernel_info", {})).structured_content["pid"]
@@ -337,7 +337,7 @@ async def test_shutdown_kernel_frees_it_and_next_call_starts_fresh(
 async def test_large_images_are_downscaled_and_results_stay_under_a_mebibyte(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http(image_max_bytes=100_000, output_cap_bytes=4 * 1024 * 1024)
+    base = serve_http(image_max_bytes=100_000, output_cap_bytes=4 * 1024 * 1024)
     code = (
         "import numpy as np, io\nfrom PIL import Image\nfrom IPython.display import display\n"
         "rng = np.random.default_rng(0)\n"
@@ -369,7 +369,7 @@ async def test_modern_clients_list_skills_through_the_extension(
 ) -> None:
     from fastmcp.skills import SkillsClientExtension
 
-    base = await serve_http()
+    base = serve_http()
     transport = StreamableHttpTransport(f"{base}/mcp")
     async with Client(transport, extensions=[SkillsClientExtension()]) as client:
         assert client.protocol_version == "2026-07-28"
@@ -381,7 +381,7 @@ async def test_modern_clients_list_skills_through_the_extension(
 async def test_readme_example_with_the_official_sdk(serve_http: Callable[..., Any]) -> None:
     from mcp import Client as SdkClient
 
-    base = await serve_http()
+    base = serve_http()
     async with SdkClient(f"{base}/mcp") as client:
         handle = (await client.call_tool("new_session", {})).structured_content["session"]
         await client.call_tool("execute_code", {"code": "kept = 41", "session": handle})

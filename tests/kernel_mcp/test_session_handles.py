@@ -39,7 +39,7 @@ async def execute(client: Any, code: str, **args: Any) -> ExecuteResult:
 async def test_sdk_default_mode_keeps_state_through_a_handle(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with sdk_client(base) as client:
         assert client.protocol_version == "2026-07-28"
         minted = await client.call_tool("new_session", {})
@@ -57,7 +57,7 @@ async def test_sdk_default_mode_keeps_state_through_a_handle(
 async def test_a_call_without_a_handle_runs_and_names_its_handle(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with sdk_client(base) as client:
         result = await client.call_tool("execute_code", {"code": "value = 'mine'; 6 * 7"})
         typed = ExecuteResult.model_validate(result.structured_content)
@@ -73,7 +73,7 @@ async def test_a_call_without_a_handle_runs_and_names_its_handle(
 
 
 async def test_guessed_handles_reach_nothing(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with sdk_client(base, headers={"X-Session-Id": "victim"}) as client:
         await execute(client, "secret = 'x'")
     async with sdk_client(base) as client:
@@ -89,7 +89,7 @@ async def test_guessed_handles_reach_nothing(serve_http: Callable[..., Any]) -> 
 async def test_header_wins_and_another_sessions_handle_is_refused(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with sdk_client(base) as client:
         handle = (await client.call_tool("new_session", {})).structured_content["session"]
         await execute(client, "theirs = 1", session=handle)
@@ -107,7 +107,7 @@ async def test_header_wins_and_another_sessions_handle_is_refused(
 async def test_legacy_mode_keys_on_the_mcp_session_and_refuses_handles(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with sdk_client(base) as client:
         handle = (await client.call_tool("new_session", {})).structured_content["session"]
     async with sdk_client(base, mode="legacy") as client:
@@ -126,7 +126,7 @@ async def test_legacy_mode_keys_on_the_mcp_session_and_refuses_handles(
 async def test_output_schema_is_listed_and_real_results_follow_it(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with sdk_client(base, headers={"X-Session-Id": "typed"}) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
         schema = tools["execute_code"].output_schema
@@ -157,7 +157,7 @@ async def test_output_schema_is_listed_and_real_results_follow_it(
 async def test_incarnation_changes_whenever_the_kernel_is_replaced(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     headers = {"X-Session-Id": "lives"}
     async with sdk_client(base, headers=headers) as client:
         first = await execute(client, "a = 1")
@@ -175,7 +175,7 @@ async def test_incarnation_changes_whenever_the_kernel_is_replaced(
         await client.call_tool("shutdown_kernel", {})
         fresh = await execute(client, "d = 1")
         assert fresh.kernel_id != first.kernel_id
-    other = await serve_http()  # another kernel_mcp process, the same workspace and session
+    other = serve_http()  # another kernel_mcp process, the same workspace and session
     async with sdk_client(other, headers=headers) as client:
         elsewhere = await execute(client, "'d' in globals()")
     assert elsewhere.outputs[0]["data"]["text/plain"] == "False"
@@ -184,7 +184,7 @@ async def test_incarnation_changes_whenever_the_kernel_is_replaced(
 
 
 async def test_idle_handles_expire_with_their_kernel(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http(idle_timeout=2, cull_interval=0.2)
+    base = serve_http(idle_timeout=2, cull_interval=0.2)
     async with sdk_client(base) as client:
         first = await execute(client, "kept = 1")
         handle = first.session
@@ -200,7 +200,7 @@ async def test_idle_handles_expire_with_their_kernel(serve_http: Callable[..., A
 
 
 async def test_fastmcp_client_default_and_legacy(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with Client(StreamableHttpTransport(f"{base}/mcp")) as client:
         handle = (await client.call_tool("new_session", {})).structured_content["session"]
         await client.call_tool("execute_code", {"code": "n = 10", "session": handle})

@@ -37,7 +37,7 @@ def _size(result: Any) -> int:
 async def test_a_large_plot_reaches_the_model_and_the_notebook(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with sdk_client(base, headers={"X-Session-Id": "big-plot"}) as client:
         result = await client.call_tool("execute_code", {"code": SCATTER, "timeout": 60})
     assert not result.is_error, result.content[0].text
@@ -56,7 +56,7 @@ async def test_a_large_plot_reaches_the_model_and_the_notebook(
 async def test_a_plot_too_big_for_one_result_is_downscaled_and_kept_in_a_file(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     code = SCATTER.replace("5000", "20000")  # ~1.5 MB of base64: more than one result holds
     async with sdk_client(base, headers={"X-Session-Id": "huge-plot"}) as client:
         result = await client.call_tool("execute_code", {"code": code, "timeout": 60})
@@ -78,7 +78,7 @@ async def test_a_plot_too_big_for_one_result_is_downscaled_and_kept_in_a_file(
 
 
 async def test_twenty_thousand_displays_fit_one_event(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http()
+    base = serve_http()
     code = "from IPython.display import display\nfor i in range(20_000):\n    display(i)"
     async with sdk_client(base, headers={"X-Session-Id": "displays"}) as client:
         result = await client.call_tool("execute_code", {"code": code, "timeout": 120})
@@ -96,7 +96,7 @@ async def test_twenty_thousand_displays_fit_one_event(serve_http: Callable[..., 
 
 
 async def test_many_large_images_and_text_fit_one_event(serve_http: Callable[..., Any]) -> None:
-    base = await serve_http(output_cap_bytes=8 * 1024 * 1024)
+    base = serve_http(output_cap_bytes=8 * 1024 * 1024)
     code = (
         "import numpy as np, io\nfrom PIL import Image\nfrom IPython.display import display\n"
         "rng = np.random.default_rng(1)\n"
@@ -123,7 +123,7 @@ async def test_many_large_images_and_text_fit_one_event(serve_http: Callable[...
 async def test_header_less_session_kernel_is_freed_when_the_mcp_session_ends(
     serve_http: Callable[..., Any],
 ) -> None:
-    base = await serve_http()
+    base = serve_http()
     async with sdk_client(base, mode="legacy") as client:
         await client.call_tool("execute_code", {"code": "kept = 1"})
         info = await client.call_tool("kernel_info", {})

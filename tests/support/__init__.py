@@ -1,1 +1,1 @@
-"""Test helpers shared by the suites: the scripted fake LLM server."""
+"""Tests of the scripted LLM (kernel_agent_pytest.scripted_llm) and what litellm makes of it."""

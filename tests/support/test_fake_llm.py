@@ -33,12 +33,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import litellm
 from litellm.exceptions import MidStreamFallbackError  # not exported by `litellm`
 
-from .fake_llm import (
+from kernel_agent_pytest.scripted_llm import (
     Error,
-    FakeLLM,
     Gate,
     Hold,
     MidStreamError,
+    ScriptedLLM,
     Stall,
     Text,
     ToolCall,
@@ -69,8 +69,8 @@ HAS_TENACITY = importlib.util.find_spec("tenacity") is not None
 
 
 @pytest.fixture
-async def llm() -> AsyncIterator[FakeLLM]:
-    async with FakeLLM() as server:
+async def llm() -> AsyncIterator[ScriptedLLM]:
+    async with ScriptedLLM() as server:
         yield server
 
 
@@ -82,7 +82,7 @@ def closed_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-async def complete(llm: FakeLLM, **kwargs: Any) -> Any:
+async def complete(llm: ScriptedLLM, **kwargs: Any) -> Any:
     """Call litellm the way the agent does, against the fake."""
     params: dict[str, Any] = {
         "model": MODEL,
@@ -95,7 +95,7 @@ async def complete(llm: FakeLLM, **kwargs: Any) -> Any:
     return await litellm.acompletion(**(params | kwargs))
 
 
-async def stream(llm: FakeLLM, **kwargs: Any) -> list[Any]:
+async def stream(llm: ScriptedLLM, **kwargs: Any) -> list[Any]:
     response = await complete(llm, **kwargs)
     return [chunk async for chunk in response]
 
@@ -127,7 +127,7 @@ def accumulate_tool_calls(chunks: list[Any]) -> dict[int, dict[str, str]]:
 
 
 async def test_starts_fast_and_stops_cleanly() -> None:
-    llm = FakeLLM()
+    llm = ScriptedLLM()
     started = time.perf_counter()
     await llm.__aenter__()
     start_seconds = time.perf_counter() - started
@@ -147,13 +147,13 @@ async def test_starts_fast_and_stops_cleanly() -> None:
 
 
 def test_sync_context_manager_works_without_an_event_loop() -> None:
-    with FakeLLM(Text("hi")) as llm:
+    with ScriptedLLM(Text("hi")) as llm:
         body = {"model": "m", "messages": [], "stream": False}
         answer = httpx.post(f"{llm.base_url}/chat/completions", json=body).json()
     assert answer["choices"][0]["message"]["content"] == "hi"
 
 
-async def test_sse_wire_format(llm: FakeLLM) -> None:
+async def test_sse_wire_format(llm: ScriptedLLM) -> None:
     llm.script(ToolCall("execute_code", '{"code": "6 * 7"}', call_id="call_1"))
     body = {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
     async with httpx.AsyncClient() as client:
@@ -179,7 +179,7 @@ async def test_sse_wire_format(llm: FakeLLM) -> None:
     assert events[-1]["usage"]["total_tokens"] > 0
 
 
-async def test_exhausted_script_and_bad_body_are_clear_errors(llm: FakeLLM) -> None:
+async def test_exhausted_script_and_bad_body_are_clear_errors(llm: ScriptedLLM) -> None:
     async with httpx.AsyncClient() as client:
         exhausted = await client.post(f"{llm.base_url}/chat/completions", json={"messages": []})
         not_json = await client.post(f"{llm.base_url}/chat/completions", content=b"{")
@@ -191,7 +191,7 @@ async def test_exhausted_script_and_bad_body_are_clear_errors(llm: FakeLLM) -> N
 
 
 async def test_wait_for_requests_and_stop_during_a_stall() -> None:
-    llm = FakeLLM(Stall(30))
+    llm = ScriptedLLM(Stall(30))
     await llm.__aenter__()
     call = asyncio.create_task(complete(llm))
     bodies = await llm.wait_for_requests(1, within=5)
@@ -207,7 +207,7 @@ async def test_wait_for_requests_and_stop_during_a_stall() -> None:
     assert info.value.status_code == 503
 
 
-async def test_hold_answers_once_its_gate_opens(llm: FakeLLM) -> None:
+async def test_hold_answers_once_its_gate_opens(llm: ScriptedLLM) -> None:
     gate = Gate()
     llm.script(Hold(gate, Text("released")))
     call = asyncio.create_task(complete(llm, stream=False))
@@ -221,7 +221,7 @@ async def test_hold_answers_once_its_gate_opens(llm: FakeLLM) -> None:
 # -- litellm against the fake: streaming ----------------------------------------------------
 
 
-async def test_text_streams_in_several_deltas(llm: FakeLLM) -> None:
+async def test_text_streams_in_several_deltas(llm: ScriptedLLM) -> None:
     llm.script(Text("The answer is 42."))
     chunks = await stream(llm, stream_options={"include_usage": True})
 
@@ -240,7 +240,7 @@ async def test_text_streams_in_several_deltas(llm: FakeLLM) -> None:
     assert llm.request_headers[-1]["authorization"] == "Bearer sk-fake"
 
 
-async def test_fragmented_tool_call_is_reassembled(llm: FakeLLM) -> None:
+async def test_fragmented_tool_call_is_reassembled(llm: ScriptedLLM) -> None:
     arguments = json.dumps({"code": "import math\nprint(math.factorial(20))"})
     llm.script(ToolCall("execute_code", arguments, call_id="call_abc"))
     chunks = await stream(llm)
@@ -263,7 +263,7 @@ async def test_fragmented_tool_call_is_reassembled(llm: FakeLLM) -> None:
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-async def test_parallel_tool_calls(llm: FakeLLM) -> None:
+async def test_parallel_tool_calls(llm: ScriptedLLM) -> None:
     llm.script(
         ToolCalls(
             [ToolCall("execute_code", {"code": "a = 6"}), ToolCall("list_variables")],
@@ -284,7 +284,7 @@ async def test_parallel_tool_calls(llm: FakeLLM) -> None:
     assert [t.function.name for t in message.tool_calls] == ["execute_code", "list_variables"]
 
 
-async def test_tool_result_round_trip_is_recorded(llm: FakeLLM) -> None:
+async def test_tool_result_round_trip_is_recorded(llm: ScriptedLLM) -> None:
     llm.script(ToolCall("execute_code", {"code": "6 * 7"}, call_id="call_1"), Text("42"))
     first = litellm.stream_chunk_builder(await stream(llm)).choices[0].message
     followup = [
@@ -300,7 +300,7 @@ async def test_tool_result_round_trip_is_recorded(llm: FakeLLM) -> None:
     assert llm.remaining == 0
 
 
-async def test_non_streaming(llm: FakeLLM) -> None:
+async def test_non_streaming(llm: ScriptedLLM) -> None:
     llm.script(Text("plain"), ToolCall("execute_code", {"code": "1"}, call_id="call_9"))
     text = await complete(llm, stream=False)
     calls = await complete(llm, stream=False)
@@ -317,7 +317,7 @@ async def test_non_streaming(llm: FakeLLM) -> None:
 # -- litellm against the fake: errors -------------------------------------------------------
 
 
-async def test_429_raises_rate_limit_error_before_the_first_chunk(llm: FakeLLM) -> None:
+async def test_429_raises_rate_limit_error_before_the_first_chunk(llm: ScriptedLLM) -> None:
     llm.script(Error(429, "slow down"))
     with pytest.raises(litellm.RateLimitError) as info:
         await complete(llm)  # raised by the await itself, not while iterating
@@ -325,7 +325,7 @@ async def test_429_raises_rate_limit_error_before_the_first_chunk(llm: FakeLLM) 
     assert len(llm.requests) == 1  # hosted_vllm/ makes no retries of its own
 
 
-async def test_500_raises_internal_server_error(llm: FakeLLM) -> None:
+async def test_500_raises_internal_server_error(llm: ScriptedLLM) -> None:
     llm.script(Error(500, "boom"))
     with pytest.raises(litellm.InternalServerError) as info:
         await complete(llm)
@@ -349,7 +349,9 @@ async def test_connection_refused_raises_internal_server_error(stream_it: bool) 
 
 
 @pytest.mark.parametrize("mode", ["disconnect", "malformed"])
-async def test_mid_stream_break(llm: FakeLLM, mode: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_mid_stream_break(
+    llm: ScriptedLLM, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
     llm.script(MidStreamError("partial text", mode=mode))  # type: ignore[arg-type]
     response = await complete(llm)
     received: list[Any] = []
@@ -370,7 +372,7 @@ async def test_mid_stream_break(llm: FakeLLM, mode: str, caplog: pytest.LogCaptu
     assert not [r for r in errors if r.name.startswith("uvicorn")]
 
 
-async def test_stall_before_headers_raises_timeout(llm: FakeLLM) -> None:
+async def test_stall_before_headers_raises_timeout(llm: ScriptedLLM) -> None:
     llm.script(Stall(5, then=Text("late")))
     started = time.perf_counter()
     with pytest.raises(litellm.Timeout) as info:
@@ -382,7 +384,7 @@ async def test_stall_before_headers_raises_timeout(llm: FakeLLM) -> None:
     assert not isinstance(info.value, litellm.APIConnectionError)
 
 
-async def test_stall_between_chunks_raises_mid_stream_timeout(llm: FakeLLM) -> None:
+async def test_stall_between_chunks_raises_mid_stream_timeout(llm: ScriptedLLM) -> None:
     llm.script(Text("abcdefgh", chunk_chars=2, delay=2))
     response = await complete(llm, timeout=0.3)
     received: list[Any] = []
@@ -397,7 +399,7 @@ async def test_stall_between_chunks_raises_mid_stream_timeout(llm: FakeLLM) -> N
 
 
 @pytest.mark.skipif(HAS_TENACITY, reason="documents litellm without tenacity")
-async def test_num_retries_is_a_silent_no_op_without_tenacity(llm: FakeLLM) -> None:
+async def test_num_retries_is_a_silent_no_op_without_tenacity(llm: ScriptedLLM) -> None:
     """litellm retries through tenacity, which it does not depend on: absent, it gives up."""
     llm.script(Error(429, "slow down"), Text("ok"))
     with pytest.raises(litellm.RateLimitError) as info:
@@ -407,7 +409,7 @@ async def test_num_retries_is_a_silent_no_op_without_tenacity(llm: FakeLLM) -> N
 
 
 @pytest.mark.skipif(not HAS_TENACITY, reason="litellm's num_retries needs tenacity")
-async def test_num_retries_retries_a_429(llm: FakeLLM) -> None:
+async def test_num_retries_retries_a_429(llm: ScriptedLLM) -> None:
     llm.script(Error(429, "slow down"), Text("ok"))
     started = time.perf_counter()
     assert "".join(content_deltas(await stream(llm, num_retries=2))) == "ok"
@@ -415,7 +417,9 @@ async def test_num_retries_retries_a_429(llm: FakeLLM) -> None:
     assert time.perf_counter() - started < 1  # first retry is immediate, then 1 s, 2 s, 4 s
 
 
-async def test_openai_provider_retries_inside_the_sdk_unless_max_retries_0(llm: FakeLLM) -> None:
+async def test_openai_provider_retries_inside_the_sdk_unless_max_retries_0(
+    llm: ScriptedLLM,
+) -> None:
     """`openai/` goes through the openai SDK, which retries 429/5xx/connection errors itself."""
     llm.script(Error(429), Text("ok"))
     with pytest.raises(litellm.RateLimitError):

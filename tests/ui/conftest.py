@@ -16,7 +16,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 
-from tests.agent_service.conftest import Stack, database_url, stack, start_stack, store_kind  # noqa: F401
+from tests.agent_service.conftest import Stack, stack, start_stack  # noqa: F401
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(tempfile.gettempdir()) / "kernel-agent-artifacts" / "ui"
@@ -45,7 +45,7 @@ class Ui:
         self._shots = 0
 
     async def open(self) -> Ui:
-        await self.check("the page loads", self.page.goto(f"{self.stack.agent.url}/ui/"))
+        await self.check("the page loads", self.page.goto(f"{self.stack.url}/ui/"))
         await self.see("#about", "kernels")
         return self
 

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from playwright.async_api import expect
 
-from tests.support.fake_llm import Error, Stall, Text, ToolCall, ToolCalls
+from kernel_agent_pytest.scripted_llm import Error, Stall, Text, ToolCall, ToolCalls
 
 from .conftest import TIMEOUT_MS, Stack, Ui
 
@@ -162,7 +162,7 @@ async def test_busy_session_and_provider_failure_are_readable(stack: Stack, open
 
 
 async def test_no_model_configured_is_explained(start_stack, open_ui) -> None:
-    stack = await start_stack(model=None)
+    stack = start_stack(model=None)
     ui = await open_ui(stack)
     await ui.see("#status", "No model is configured")
     await ui.send("hello?")
@@ -172,7 +172,7 @@ async def test_no_model_configured_is_explained(start_stack, open_ui) -> None:
 
 
 async def test_api_key_is_entered_in_the_page(start_stack, open_ui) -> None:
-    stack = await start_stack(api_keys=["sekrit"])
+    stack = start_stack(api_keys=["sekrit"])
     stack.llm.script(
         ToolCall("execute_code", {"code": "import matplotlib.pyplot as plt\nplt.plot([1])"}),
         Text("Plotted."),

@@ -1,10 +1,10 @@
-"""A scripted OpenAI-compatible LLM server for tests.
+"""A scripted OpenAI-compatible LLM server for tests (the `agent` fixture's `.llm`).
 
-`FakeLLM` serves real HTTP on 127.0.0.1 (uvicorn in a background thread, free port), so
+`ScriptedLLM` serves real HTTP on 127.0.0.1 (uvicorn in a background thread, free port), so
 litellm's real client and streaming parser run against it. Each `POST /v1/chat/completions`
 consumes the next scripted step; every request body is kept in `llm.requests`.
 
-    async with FakeLLM() as llm:
+    async with ScriptedLLM() as llm:
         llm.script(ToolCall("execute_code", {"code": "1+1"}), Text("It is 2."))
         ...  # point the code under test at llm.base_url ("http://127.0.0.1:PORT/v1")
         assert llm.requests[1]["messages"][-1]["role"] == "tool"
@@ -38,11 +38,10 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -52,19 +51,18 @@ from starlette.types import Receive, Scope, Send
 
 __all__ = [
     "Error",
-    "FakeLLM",
     "Gate",
     "Hold",
     "MidStreamError",
+    "ScriptedLLM",
     "Stall",
     "Step",
     "Text",
     "ToolCall",
     "ToolCalls",
-    "fake_llm",
 ]
 
-_START_TIMEOUT = 5.0
+_START_TIMEOUT = 30.0  # a deadline on a loaded machine, not a speed claim
 _STOP_TIMEOUT = 5.0
 
 
@@ -198,7 +196,7 @@ class _Server(uvicorn.Server):
         await self.lifespan.shutdown()
 
 
-class FakeLLM:
+class ScriptedLLM:
     """A scripted OpenAI-compatible chat completions server on 127.0.0.1.
 
     Attributes:
@@ -225,7 +223,7 @@ class FakeLLM:
 
     # -- script -------------------------------------------------------------------------
 
-    def script(self, *steps: Step | str) -> FakeLLM:
+    def script(self, *steps: Step | str) -> ScriptedLLM:
         """Queue answers; each chat completion request consumes the next one."""
         for step in steps:
             self._steps.append(Text(step) if isinstance(step, str) else step)
@@ -279,17 +277,17 @@ class FakeLLM:
     @property
     def port(self) -> int:
         if self._port is None:
-            raise RuntimeError("FakeLLM is not started")
+            raise RuntimeError("ScriptedLLM is not started")
         return self._port
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> FakeLLM:
+    def start(self) -> ScriptedLLM:
         """Bind a free port and serve from a background thread; returns once accepting."""
         if self._thread is not None:
-            raise RuntimeError("FakeLLM is already started")
+            raise RuntimeError("ScriptedLLM is already started")
         logging.getLogger("uvicorn.error").addFilter(_drop_deliberate_break)
         # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it each
         # request on a kept-alive connection waits ~40 ms for a delayed ACK.
@@ -342,13 +340,13 @@ class FakeLLM:
             self._thread_error = exc
             raise
 
-    def __enter__(self) -> FakeLLM:
+    def __enter__(self) -> ScriptedLLM:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    async def __aenter__(self) -> FakeLLM:
+    async def __aenter__(self) -> ScriptedLLM:
         return await asyncio.to_thread(self.start)
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -439,16 +437,17 @@ def _fragments(text: str, count: int) -> list[str]:
     return _split(text, -(-len(text) // max(count, 1)))
 
 
-def _as_calls(step: ToolCall | ToolCalls) -> ToolCalls:
+def _as_calls(step: Step) -> ToolCalls:
+    assert isinstance(step, ToolCall | ToolCalls), f"not a tool call step: {step!r}"
     return ToolCalls([step]) if isinstance(step, ToolCall) else step
 
 
 class _StepResponse(Response):
     """Answers one request from one step, streaming (SSE) or not, as the request asks."""
 
-    def __init__(self, llm: FakeLLM, step: Step, body: dict[str, Any], number: int) -> None:
+    def __init__(self, llm: ScriptedLLM, step: Step, body: dict[str, Any], number: int) -> None:
         super().__init__()
-        self.llm, self.step, self.body = llm, step, body
+        self.llm, self.step, self.request_body = llm, step, body
         self.stream = bool(body.get("stream"))
         options = body.get("stream_options") or {}
         self.include_usage = bool(options.get("include_usage"))
@@ -604,17 +603,10 @@ class _StepResponse(Response):
 
     def _usage(self, completion: str) -> dict[str, int]:
         """Token counts estimated at four characters a token: stable, not realistic."""
-        prompt = json.dumps(self.body.get("messages", []))
+        prompt = json.dumps(self.request_body.get("messages", []))
         prompt_tokens, completion_tokens = len(prompt) // 4 + 1, len(completion) // 4 + 1
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
-
-
-@pytest.fixture
-async def fake_llm() -> AsyncIterator[FakeLLM]:
-    """A started FakeLLM with an empty script; use with `pytest_plugins` or import it."""
-    async with FakeLLM() as llm:
-        yield llm
