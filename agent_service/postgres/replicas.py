@@ -5,7 +5,10 @@
   until it ends. A replica that dies closes its connections and PostgreSQL releases the
   lock with the backend; a host that vanished without closing them is found by TCP
   keepalives set on each lock connection (about a minute). A connection goes back to the
-  pool only after `pg_advisory_unlock_all()`, so no lock outlives its turn.
+  pool only after `pg_advisory_unlock_all()`, so no lock outlives its turn. The pool runs
+  that reset in a task of its own after `putconn`, so "every connection is taken" counts
+  the turns holding one, not the pool's idle connections: a turn that just ended is not
+  refused to the next one while its connection is being reset.
 - **Prompt cache.** A clear is a `NOTIFY` on one channel; every replica `LISTEN`s on a
   connection of its own and drops its prompt when told, and again whenever it had to
   reconnect (it may have missed a notification meanwhile).
@@ -66,12 +69,12 @@ class _Lease:
 
     def __init__(
         self,
-        pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+        replicas: PostgresReplicas,
         conn: psycopg.AsyncConnection[Any],
         key: int,
         session_id: str,
     ) -> None:
-        self._pool = pool
+        self._replicas = replicas
         self._conn = conn
         self._key = key
         self._session_id = session_id
@@ -87,7 +90,7 @@ class _Lease:
             logger.warning("session %s: turn lock not released (%s)", self._session_id, exc)
             await self._conn.close()
         finally:
-            await self._pool.putconn(self._conn)
+            await self._replicas.give_back(self._conn)
 
 
 class PostgresReplicas:
@@ -127,6 +130,8 @@ class PostgresReplicas:
         self._stats: PromptStats = dict
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._taken = 0
+        """Lock connections out of the pool: held by turns, or asking for their lock."""
 
     async def start(self, clear_local: Callable[[], None], stats: PromptStats) -> None:
         self._clear_local = clear_local
@@ -156,9 +161,13 @@ class PostgresReplicas:
     # -- turn locks -------------------------------------------------------------
 
     def _all_taken(self) -> bool:
-        """Whether every lock connection is held by a running turn."""
-        stats = self._locks.get_stats()
-        return bool(stats["pool_available"] == 0 and stats["pool_size"] >= self._locks.max_size)
+        """Whether every lock connection is held by a running turn (or one asking)."""
+        return self._taken >= self._locks.max_size
+
+    async def give_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Return a lock connection; the pool's reset unlocks whatever it may hold."""
+        self._taken -= 1
+        await self._locks.putconn(conn)
 
     async def lock_turn(self, session_id: str) -> TurnLease | None:
         busy = TooManyTurns(
@@ -175,19 +184,20 @@ class PostgresReplicas:
             raise DatabaseUnavailable(f"the database is unreachable: {exc}") from exc
         except psycopg.Error as exc:
             raise DatabaseUnavailable(f"the database is unreachable: {exc}") from exc
+        self._taken += 1
         key = turn_key(session_id)
         try:
             cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
             row = await cursor.fetchone()
         except BaseException as exc:
-            await self._locks.putconn(conn)  # its reset unlocks whatever it may hold
+            await self.give_back(conn)
             if isinstance(exc, psycopg.Error):
                 raise DatabaseUnavailable(f"the database is unreachable: {exc}") from exc
             raise
         if not (row and row[0]):
-            await self._locks.putconn(conn)
+            await self.give_back(conn)
             return None
-        return _Lease(self._locks, conn, key, session_id)
+        return _Lease(self, conn, key, session_id)
 
     async def held(self, session_id: str) -> bool:
         key = turn_key(session_id)
