@@ -115,6 +115,15 @@ class KernelConnection(abc.ABC):
         """`session_id` owns this kernel now: list it, named after the session, for attaching."""
         return None
 
+    def changed_elsewhere(self) -> bool:
+        """Another client changed the kernel since we last heard from it (a shared kernel
+        restarted by another replica): `catch_up()` before sending it anything."""
+        return False
+
+    async def catch_up(self) -> None:
+        """Make sure what is sent next is heard in full after a change made elsewhere."""
+        return None
+
     @abc.abstractmethod
     def memory_rss(self) -> int | None:
         """Resident memory of the kernel process in bytes, when known."""

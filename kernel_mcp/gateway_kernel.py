@@ -303,6 +303,33 @@ class GatewayKernel(KernelConnection):
                 self.generation = int(record.get("generation", 0))
         self._remember()
 
+    def changed_elsewhere(self) -> bool:
+        if self._record is None or self._dead or self._ws is None:
+            return False
+        known = self._record.read()
+        return known is not None and known.get("process") not in (None, self._process)
+
+    async def catch_up(self) -> None:
+        """The session's record names another kernel process than ours: another replica
+        restarted the kernel. Wait until the new process is heard on IOPub too.
+
+        Our WebSocket's channels on the gateway reconnect to the new process by themselves,
+        shell at once, but IOPub delivers only once its subscription is through (ZeroMQ's
+        slow joiner): a request sent before then would lose its output and its idle status.
+        A kernel_info handshake (its reply and its idle) proves both channels live, as
+        Jupyter Server's own nudge does; its reply also tells the session (`_new_process`).
+        The record then names the process we hear (a restart by a client that is no replica
+        left it naming the old one), so the handshake is made once per restart.
+        """
+        logger.info("kernel %s: a new process since our last call; waiting for it", self.kernel_id)
+        try:
+            await self._wait_ready(self._settings.startup_timeout)
+        except KernelStartError:
+            if not self._dead:
+                raise
+            return  # died meanwhile: the next request is lost as on any dead kernel
+        self._remember()
+
     def _remember(self) -> None:
         if self._record is not None:
             self._record.write(
