@@ -13,6 +13,7 @@ run: $(STAMP)
 test: $(STAMP) gateways
 	sh scripts/ensure_bubblewrap.sh
 	sh scripts/ensure_chromium.sh
+	sh scripts/ensure_postgres.sh
 	$(BIN)/python -m pytest
 
 # Virtualenvs of Jupyter Enterprise Gateway and Kernel Gateway, which the tests and

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("httpx", "httpx2", "mcp.client"):
+    for noisy in ("httpx", "httpx2", "mcp.client", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = Settings()
     uvicorn.run(

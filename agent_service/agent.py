@@ -178,15 +178,20 @@ class _CachedHistory:
     last_turn: int
     limit: int
     history: History
+    version: int
+    """The session's `last_event` when kept: another value means someone else wrote since."""
 
 
 class _Turn:
     """The state of one running turn."""
 
-    def __init__(self, spec: TurnSpec, turn: int, emit: Emit, counter: Counter) -> None:
+    def __init__(
+        self, spec: TurnSpec, turn: int, emit: Emit, counter: Counter, version: int = 0
+    ) -> None:
         self.spec = spec
         self.sid = spec.session_id
         self.turn = turn
+        self.version = version  # the session's last_event before this turn
         self.renderer = ContentRenderer(spec.render_mode, spec.image_url)
         self.count = counter
         self.current: list[Item] = []
@@ -282,7 +287,13 @@ class Agent:
         await self.model.ready()
         self._noted.discard(sid)
         record = self.store.get_session(sid)
-        t = _Turn(spec, (record.last_turn if record else 0) + 1, emit, self.counter(spec.model))
+        t = _Turn(
+            spec,
+            (record.last_turn if record else 0) + 1,
+            emit,
+            self.counter(spec.model),
+            record.last_event if record else 0,
+        )
         user = {"role": "user", "content": spec.user_content}
         user_item = await self._item(user, None, t.count)
         self._append(t, "user", {"content": spec.user_content}, user_item)
@@ -370,13 +381,15 @@ class Agent:
     async def _history(self, t: _Turn, limit: int) -> History:
         """Older turns as far as they can fit: kept from the last turn, else read newest first.
 
-        Kept only while the store agrees nothing happened in between (the session's last turn
-        is the one kept), and for the same model's counts.
+        Kept only while the store agrees nothing happened in between (the session's version,
+        read under the turn's lock, is the one kept: no other replica wrote), and for the same
+        model's counts.
         """
         cached = self._histories.get(t.sid)
         if (
             cached is not None
             and cached.last_turn == t.turn - 1
+            and cached.version == t.version
             and (cached.limit >= limit or cached.history.complete)
             and self._cached_model.get(t.sid) == t.spec.model
         ):
@@ -389,7 +402,7 @@ class Agent:
             return history
 
         history = await asyncio.to_thread(read)
-        self._histories[t.sid] = _CachedHistory(t.turn - 1, limit, history)
+        self._histories[t.sid] = _CachedHistory(t.turn - 1, limit, history, t.version)
         self._cached_model[t.sid] = t.spec.model
         while len(self._histories) > _CACHED_SESSIONS:
             evicted, _ = self._histories.popitem(last=False)
@@ -411,7 +424,13 @@ class Agent:
                 break
             kept.append(turn)
         complete = cached.history.complete and len(kept) == len(turns)
-        self._histories[t.sid] = _CachedHistory(t.turn, cached.limit, History(kept, complete))
+        record = self.store.get_session(t.sid)  # still under the turn's lock: ours alone
+        if record is None:
+            self.forget(t.sid)
+            return
+        self._histories[t.sid] = _CachedHistory(
+            t.turn, cached.limit, History(kept, complete), record.last_event
+        )
 
     def _request(
         self,

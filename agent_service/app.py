@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services(settings)
         app.state.services = services
-        services.start()
+        await services.start()
         logger.info(
             "agent_service ready: model %s, kernel_mcp %s, data %s",
             settings.model or "(none)",

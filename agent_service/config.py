@@ -71,6 +71,32 @@ class Settings(BaseSettings):
     )
     data_dir: Path = _REPO_ROOT / "data"
     notebooks_dir: Path = _REPO_ROOT / "notebooks"
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="Where transcripts live: unset for SQLite under data_dir, "
+        "sqlite:///<path>, or postgresql://user:password@host/db to share them with replicas.",
+    )
+    database_pool_size: int = Field(
+        default=10, ge=1, le=1000, description="PostgreSQL connections for transcript calls."
+    )
+    database_max_turns: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description="Turns this replica runs at once with PostgreSQL (each holds a connection "
+        "for its session lock).",
+    )
+    database_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds to connect to PostgreSQL or wait for a connection."
+    )
+    replica_id: str | None = Field(
+        default=None,
+        max_length=200,
+        description="This replica's name in /admin/cache-stats; default: host name and pid.",
+    )
+    replica_heartbeat: float = Field(
+        default=15.0, gt=0, description="Seconds between a replica's reports of its prompt cache."
+    )
 
     max_upload_bytes: int = Field(
         default=100 * 1024**2,
@@ -117,6 +143,18 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        scheme = value.get_secret_value().partition(":")[0].lower()
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError(
+                "AGENT_DATABASE_URL must be sqlite:///<path> or postgresql://user:password@host/db"
+            )
+        return value
+
     @model_validator(mode="after")
     def _secret_is_not_a_client_key(self) -> Settings:
         if self.secret_key is not None:
@@ -127,6 +165,20 @@ class Settings(BaseSettings):
             if len(secret) < 16:
                 raise ValueError("AGENT_SECRET_KEY must have at least 16 characters")
         return self
+
+    @property
+    def postgres_url(self) -> str | None:
+        """The PostgreSQL URL when transcripts live in PostgreSQL, else None (SQLite)."""
+        url = self.database_url.get_secret_value() if self.database_url else ""
+        return url if url.partition(":")[0].lower() in ("postgresql", "postgres") else None
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite file (when `postgres_url` is None)."""
+        url = self.database_url.get_secret_value() if self.database_url else ""
+        if url.lower().startswith("sqlite:///"):
+            return Path(url[len("sqlite:///") :]).expanduser().resolve()
+        return self.data_dir / "transcripts.sqlite3"
 
     @property
     def auth_required(self) -> bool:

@@ -10,6 +10,8 @@ ServiceError                 (status, type, code) -> {"error": {...}}
 ├── SessionBusy              409 session_busy
 ├── ModelNotConfigured       503 model_not_configured
 ├── ShuttingDown             503 service_shutting_down (mid-stream, after SIGTERM's grace)
+├── DatabaseUnavailable      503 database_unavailable (PostgreSQL unreachable)
+├── TooManyTurns             503 too_many_turns (every turn-lock connection is taken)
 ├── ProviderError            the LLM provider failed (429 passed through, else 502/504)
 └── KernelServiceError       502 kernel_mcp unreachable or failing
 """
@@ -90,6 +92,16 @@ class ModelNotConfigured(ServiceError):
 class ShuttingDown(ServiceError):
     status = 503
     code = "service_shutting_down"
+
+
+class DatabaseUnavailable(ServiceError):
+    status = 503
+    code = "database_unavailable"
+
+
+class TooManyTurns(ServiceError):
+    status = 503
+    code = "too_many_turns"
 
 
 class ProviderError(ServiceError):

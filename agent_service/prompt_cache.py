@@ -1,7 +1,8 @@
 """The agent_system_prompt from kernel_mcp, cached with a TTL (cachetools).
 
 One entry shared by all sessions. If kernel_mcp is unreachable the fallback
-prompt from settings is used, logged, and not cached.
+prompt from settings is used, logged, and not cached. `on_change` hears of every
+change of what is served (replicas report it to each other).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class PromptCache:
         self.misses = 0
         self.fallbacks = 0
         self._in_use: str | None = None
+        self.on_change: Callable[[], None] = lambda: None
 
     async def get(self) -> str:
         """The cached prompt, fetched on a miss; the fallback if kernel_mcp is down."""
@@ -54,13 +56,17 @@ class PromptCache:
                 self.fallbacks += 1
                 logger.warning("agent_system_prompt unavailable, using the fallback: %s", exc)
                 self._in_use = self._fallback
+                self.on_change()
                 return self._fallback
             self._cache[_KEY] = (prompt, time.monotonic())
             self._in_use = prompt
+            self.on_change()
             return prompt
 
     def clear(self) -> None:
+        """Drop the cached prompt: the next turn fetches it again."""
         self._cache.clear()
+        self.on_change()
 
     def stats(self) -> dict[str, Any]:
         entry = self._cache.get(_KEY)

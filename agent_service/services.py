@@ -13,6 +13,7 @@ from .files import KernelFiles
 from .kernel_client import KernelClient
 from .llm import ModelAdapter
 from .prompt_cache import PromptCache
+from .replicas import LocalReplicas, Replicas, default_name
 from .security import Authenticator, ImageLinks, load_secret
 from .sqlite_store import SqliteStore
 from .store import TranscriptStore
@@ -26,7 +27,7 @@ class Services:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store: TranscriptStore = SqliteStore(settings.data_dir / "transcripts.sqlite3")
+        self.store, self.replicas = _open_database(settings)
         self.kernels = KernelClient(settings)
         self.files = KernelFiles(settings)
         self.prompts = PromptCache(
@@ -37,9 +38,10 @@ class Services:
         self.agent = Agent(
             settings, self.store, self.kernels, self.prompts, self.model, self.exporter, self.files
         )
-        self.turns = TurnRegistry()
+        self.turns = TurnRegistry(self.replicas)
         self.auth = Authenticator(settings)
-        self.links = ImageLinks(load_secret(settings), settings.image_link_ttl)
+        secret = None if settings.secret_key else self.replicas.shared_secret()
+        self.links = ImageLinks(secret or load_secret(settings), settings.image_link_ttl)
         self._draining_since: float | None = None
         self._warm_task: asyncio.Task[None] | None = None
 
@@ -50,8 +52,10 @@ class Services:
             url += f"?sig={self.links.sign(session_id, name)}"
         return url
 
-    def start(self) -> None:
-        """Background start-up work: litellm's import, so no user waits for it."""
+    async def start(self) -> None:
+        """Join the other replicas; litellm's import in the background, so no user waits."""
+        self.prompts.on_change = self.replicas.changed
+        await self.replicas.start(self.prompts.clear, self.prompts.stats)
         self._warm_task = asyncio.create_task(self.model.warm_up(), name="warm-up")
 
     @property
@@ -74,4 +78,20 @@ class Services:
         await self.files.aclose()
         if self._warm_task is not None and not self._warm_task.done():
             self._warm_task.cancel()
+        await self.replicas.close()
         self.store.close()
+
+
+def _open_database(settings: Settings) -> tuple[TranscriptStore, Replicas]:
+    """The transcript store and replica coordination that AGENT_DATABASE_URL names."""
+    name = settings.replica_id or default_name()
+    if settings.postgres_url is None:
+        return SqliteStore(settings.sqlite_path), LocalReplicas(name)
+    try:
+        from .postgres import open_postgres
+    except ModuleNotFoundError as exc:
+        raise RuntimeError(
+            f"AGENT_DATABASE_URL names PostgreSQL but {exc.name} is not installed: "
+            "pip install 'kernel-agent[postgres]'"
+        ) from exc
+    return open_postgres(settings, name)

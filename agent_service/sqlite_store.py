@@ -21,7 +21,7 @@ from typing import Any
 
 from .store import Event, NewEvent, SessionRecord, merge_heavy, split_heavy
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     turns INTEGER NOT NULL DEFAULT 0,
     last_turn INTEGER NOT NULL DEFAULT 0,
     kernel_identity TEXT,
-    digest TEXT
+    digest TEXT,
+    last_event INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -118,7 +119,9 @@ class SqliteStore:
         tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
         if "sessions" in tables:
             with self._transaction():
-                _upgrade_from_v0(self._db)
+                if version < 1:
+                    _upgrade_from_v0(self._db)
+                _upgrade_to_v2(self._db)
         self._db.executescript(_SCHEMA)  # idempotent, like the upgrade: a rerun is safe
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
@@ -222,7 +225,7 @@ class SqliteStore:
                 self._db.execute(
                     "INSERT INTO outputs (event_id, data) VALUES (?, ?)", (event_id, heavy_payload)
                 )
-            self._touch(session_id, turn, type_, now)
+            self._touch(session_id, turn, type_, now, event_id)
         return event_id
 
     def append_many(self, session_id: str, events: list[NewEvent]) -> None:
@@ -241,15 +244,16 @@ class SqliteStore:
             )
             self._db.execute(
                 "UPDATE sessions SET updated = ?, turns = turns + ?, "
-                "last_turn = MAX(last_turn, ?) WHERE id = ?",
-                (now, users, max(e.turn for e in events), session_id),
+                "last_turn = MAX(last_turn, ?), "
+                "last_event = (SELECT MAX(id) FROM events WHERE session_id = ?) WHERE id = ?",
+                (now, users, max(e.turn for e in events), session_id, session_id),
             )
 
-    def _touch(self, session_id: str, turn: int, type_: str, now: float) -> None:
+    def _touch(self, session_id: str, turn: int, type_: str, now: float, event_id: int) -> None:
         self._db.execute(
-            "UPDATE sessions SET updated = ?, turns = turns + ?, last_turn = MAX(last_turn, ?) "
-            "WHERE id = ?",
-            (now, 1 if type_ == "user" else 0, turn, session_id),
+            "UPDATE sessions SET updated = ?, turns = turns + ?, last_turn = MAX(last_turn, ?), "
+            "last_event = ? WHERE id = ?",
+            (now, 1 if type_ == "user" else 0, turn, event_id, session_id),
         )
 
     def append_output(self, event_id: int, text: str) -> None:
@@ -368,6 +372,17 @@ def _event(row: sqlite3.Row, heavy: str | None = None, live: str | None = None) 
         created=row["created"],
         tokens=row["tokens"],
         tokens_short=row["tokens_short"],
+    )
+
+
+def _upgrade_to_v2(db: sqlite3.Connection) -> None:
+    """Sessions get `last_event`, the version a replica checks its kept history against."""
+    present = {r[1] for r in db.execute("PRAGMA table_info(sessions)")}
+    if "last_event" not in present:
+        db.execute("ALTER TABLE sessions ADD COLUMN last_event INTEGER NOT NULL DEFAULT 0")
+    db.execute(
+        "UPDATE sessions SET last_event = COALESCE("
+        "(SELECT MAX(id) FROM events e WHERE e.session_id = sessions.id), 0)"
     )
 
 

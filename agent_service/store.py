@@ -5,8 +5,9 @@ start, live output, tool result, note, error), appended as each happens. Heavy t
 outputs (nbformat outputs with their images) are kept apart from the event text, so
 building the next model request reads only small rows, and only the newest ones.
 
-`SqliteStore` (the only module that imports sqlite3) is the implementation today; a
-PostgreSQL store implements the same `TranscriptStore` protocol.
+Two implementations: `SqliteStore` (`sqlite_store`, the only module that imports
+sqlite3), the embedded default, and `PostgresStore` (`postgres.store`), which replicas
+share. The same tests run against both.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class SessionRecord:
     owner: str | None = None
     kernel_identity: str | None = None
     digest: str | None = None
+    last_event: int = 0
+    """The id of the session's newest event: its version. Event ids only grow and are never
+    reused (a deleted and re-made session included), so a different value means some
+    replica wrote to the session since."""
 
     @property
     def kernel(self) -> dict[str, Any]:

@@ -321,13 +321,15 @@ class _Handlers:
             return
         api = self.api(request, key)
         history = [*history, {"role": "user", "content": message}]
+        # Only this first update empties the message box: what the user types meanwhile
+        # stays there, and is sent once this turn ends (trigger_mode "always_last").
         yield "", [*history, {"role": "assistant", "content": ""}], "", sid
         text, images = "", dict[str, str]()
         try:
             async for delta in api.chat(sid, model or self.settings.model_alias, message):
                 text += delta
                 shown = await api.inline_images(text, images) if api.keyed else text
-                yield "", [*history, {"role": "assistant", "content": shown}], "", sid
+                yield gr.skip(), [*history, {"role": "assistant", "content": shown}], "", sid
         except _ApiError as exc:
             error = f"**Error:** {exc}"
             reply = f"{text}\n\n{error}" if text else error
@@ -338,7 +340,7 @@ class _Handlers:
             record = (await api.call("GET", f"/v1/sessions/{sid}")).json()
         except _ApiError:
             return  # keep the streamed text
-        yield "", _history(record.get("events", [])), "", sid
+        yield gr.skip(), _history(record.get("events", [])), "", sid
 
     async def run_code(self, code: str, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
         """Run the code box in the session's kernel, without the model."""
@@ -478,6 +480,9 @@ def build_ui(settings: Settings) -> gr.Blocks:
             [message, chat, sid, model, key],
             [message, chat, status, sid],
             concurrency_limit=None,
+            # A message sent before the turn on the page has ended (its saved record shows
+            # after its last words) runs next instead of being dropped ("once").
+            trigger_mode="always_last",
         )
         sent.then(**after)
         run.click(

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
         ToolCall,
         ToolCalls,
     )
-    from .servers import AgentStack, KernelMcpServer
+    from .servers import AgentStack, KernelMcpServer, ServerThread
     from .skills import Skill, SkillExample
 
 _WHERE = {
@@ -36,6 +36,7 @@ _WHERE = {
     "KernelProcess": "processes",
     "AgentStack": "servers",
     "KernelMcpServer": "servers",
+    "ServerThread": "servers",
     "Skill": "skills",
     "SkillExample": "skills",
     **dict.fromkeys(
@@ -67,6 +68,7 @@ __all__ = [
     "KernelResult",
     "MidStreamError",
     "ScriptedLLM",
+    "ServerThread",
     "Skill",
     "SkillExample",
     "Stall",

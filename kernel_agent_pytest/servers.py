@@ -256,6 +256,7 @@ class AgentStack:
         self._agent_values = dict(agent_values)
         self.agent_settings: AgentSettings | None = None  # set by start()
         self._agent: ServerThread | None = None
+        self._replicas: list[ServerThread] = []
         self._clients: list[Any] = []
 
     def start(self) -> AgentStack:
@@ -288,12 +289,15 @@ class AgentStack:
         return Settings(**{**defaults, **values})
 
     def _start_agent(self, port: int = 0) -> None:
+        assert self.agent_settings is not None
+        self._agent = self._serve_agent(self.agent_settings, port)
+
+    @staticmethod
+    def _serve_agent(settings: AgentSettings, port: int = 0) -> ServerThread:
         from agent_service.app import create_app
 
-        assert self.agent_settings is not None
-        grace = self.agent_settings.shutdown_grace + 5
-        agent = ServerThread(create_app(self.agent_settings), "agent_service", grace, grace + 60)
-        self._agent = agent.start(port)
+        grace = settings.shutdown_grace + 5
+        return ServerThread(create_app(settings), "agent_service", grace, grace + 60).start(port)
 
     @property
     def kernel_settings(self) -> KernelSettings:
@@ -349,21 +353,34 @@ class AgentStack:
         self.agent_settings = self.agent_settings.model_copy(update=overrides)
         self._start_agent(port)  # the same port: clients made before keep working
 
+    def start_replica(self, **overrides: Any) -> ServerThread:
+        """Another agent_service on this stack's kernel_mcp and model: a replica behind a
+        load balancer, stopped with the stack.
+
+        It runs with the stack's agent settings and `overrides`, and data and notebooks
+        folders of its own: replicas share transcripts only through the database, so give
+        the stack a PostgreSQL `database_url`. Returns its server (`.url`, `.app`).
+        """
+        assert self.agent_settings is not None
+        folder = self.root / f"replica-{len(self._replicas) + 1}"
+        values = {"data_dir": folder / "data", "notebooks_dir": folder / "notebooks", **overrides}
+        self._replicas.append(self._serve_agent(self.agent_settings.model_copy(update=values)))
+        return self._replicas[-1]
+
     def restart_kernel_mcp(self) -> None:
         """Stop kernel_mcp (its kernels with it) and start a new one on the same port."""
         self.kernel_mcp.restart()
 
     def stop(self) -> None:
-        """Stop everything, the agent first; every part is stopped even if one fails."""
+        """Stop everything, the agents first; every part is stopped even if one fails."""
         for client in self._clients:
             with contextlib.suppress(Exception):
                 client.close()
         self._clients.clear()
         errors: list[BaseException] = []
-        agent, self._agent = self._agent, None
-        for stop in (agent.stop if agent else None, self.kernel_mcp.stop, self.llm.stop):
-            if stop is None:
-                continue
+        agents = [a for a in (self._agent, *self._replicas) if a is not None]
+        self._agent, self._replicas = None, []
+        for stop in (*(a.stop for a in agents), self.kernel_mcp.stop, self.llm.stop):
             try:
                 stop()
             except Exception as exc:

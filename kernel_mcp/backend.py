@@ -86,11 +86,6 @@ class KernelConnection(abc.ABC):
         """The kernel process has exited (or a restart failed) and no new one runs yet."""
         return False
 
-    async def ready(self) -> None:
-        """Awaited before each request is sent: a connection that must catch up first (a
-        gateway kernel another client restarted) does so here."""
-        return None
-
     @abc.abstractmethod
     def execute(self, code: str, listener: ExecutionListener, *, silent: bool = False) -> str:
         """Send an execute request (stdin disabled); returns its msg_id."""
@@ -118,6 +113,15 @@ class KernelConnection(abc.ABC):
 
     def assign(self, session_id: str) -> None:
         """`session_id` owns this kernel now: list it, named after the session, for attaching."""
+        return None
+
+    def changed_elsewhere(self) -> bool:
+        """Another client changed the kernel since we last heard from it (a shared kernel
+        restarted by another replica): `catch_up()` before sending it anything."""
+        return False
+
+    async def catch_up(self) -> None:
+        """Make sure what is sent next is heard in full after a change made elsewhere."""
         return None
 
     @abc.abstractmethod

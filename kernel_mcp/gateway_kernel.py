@@ -103,7 +103,7 @@ class GatewayKernel(KernelConnection):
         self._closing = False
         self._replaced = False
         self._restart_told = False  # calls running at another client's restart were told
-        self._resync = False  # another client restarted the kernel: handshake before sending
+        self._resync = False  # another client restarted the kernel: catch_up before sending
         self._handshaking = False
         """The gateway (or another client) already put a new process behind this id."""
         self._process: str | None = None
@@ -185,11 +185,6 @@ class GatewayKernel(KernelConnection):
 
     def assign(self, session_id: str) -> None:
         self._backend.claimed(self, session_id)
-
-    async def ready(self) -> None:
-        if self._resync and not self._dead:
-            self._resync = False
-            await self._wait_ready(self._settings.startup_timeout)
 
     async def restart(self, cwd: Path) -> None:
         # Called only by the kernel's supervisor, one at a time, never cancelled half-way.
@@ -317,6 +312,37 @@ class GatewayKernel(KernelConnection):
                 self.generation = int(record.get("generation", 0)) + 1
             else:
                 self.generation = int(record.get("generation", 0))
+        self._remember()
+
+    def changed_elsewhere(self) -> bool:
+        if self._dead or self._ws is None:
+            return False
+        if self._resync:  # we saw another client's restart (its shutdown_reply)
+            return True
+        known = self._record.read() if self._record is not None else None
+        return known is not None and known.get("process") not in (None, self._process)
+
+    async def catch_up(self) -> None:
+        """Another replica restarted the kernel (we saw its shutdown_reply, or the session's
+        record names another kernel process than ours). Wait until the new process is heard
+        on IOPub too.
+
+        Our WebSocket's channels on the gateway reconnect to the new process by themselves,
+        shell at once, but IOPub delivers only once its subscription is through (ZeroMQ's
+        slow joiner): a request sent before then would lose its output and its idle status.
+        A kernel_info handshake (its reply and its idle) proves both channels live, as
+        Jupyter Server's own nudge does; its reply also tells the session (`_new_process`).
+        The record then names the process we hear (a restart by a client that is no replica
+        left it naming the old one), so the handshake is made once per restart.
+        """
+        logger.info("kernel %s: a new process since our last call; waiting for it", self.kernel_id)
+        self._resync = False
+        try:
+            await self._wait_ready(self._settings.startup_timeout)
+        except KernelStartError:
+            if not self._dead:
+                raise
+            return  # died meanwhile: the next request is lost as on any dead kernel
         self._remember()
 
     def _remember(self) -> None:

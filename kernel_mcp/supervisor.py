@@ -105,11 +105,17 @@ class KernelSupervisor:
 
     async def send(self, code: str, listener: RunningCode, *, silent: bool = False) -> str:
         """Send `code` once every pending change is done; returns its msg_id."""
-        while not self._quiet.is_set():
-            await self._quiet.wait()
-        await self.connection.ready()
-        if self.closed:
-            raise KernelClosed(f"kernel {self.kernel_id} is shut down")
+        caught_up = False
+        while True:
+            while not self._quiet.is_set():
+                await self._quiet.wait()
+            if self.closed:
+                raise KernelClosed(f"kernel {self.kernel_id} is shut down")
+            if caught_up or not self.connection.changed_elsewhere():
+                break
+            # Restarted by another replica: a change like ours, so it runs in the same queue.
+            caught_up = True
+            await self._request("catch_up", self.connection.catch_up)
         msg_id = self.connection.execute(code, listener, silent=silent)
         self._running[msg_id] = listener
         self._state = KernelState.BUSY

@@ -1,7 +1,11 @@
-"""Suite-wide setup: offline litellm, no real LLM provider unless a test is marked `llm`.
+"""Suite-wide setup: offline litellm, no real LLM provider unless a test is marked `llm`, and
+the agent's transcript store.
 
 Kernels, servers, the scripted LLM, the markers and the skipping of `llm` tests without a
-provider key come from our pytest plugin (kernel_agent_pytest), as for any user.
+provider key come from our pytest plugin (kernel_agent_pytest), as for any user. The store
+is SQLite, or PostgreSQL for tests marked `both_stores` (parametrized `store_kind`: each
+runs once per store, on a database of its own in a throwaway cluster started once per test
+session).
 """
 
 from __future__ import annotations
@@ -9,15 +13,19 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from tests.support.postgres import PostgresCluster, binaries
 
 # Set before anything imports litellm: no cost-map download, no tokenizer fetches.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+
+STORES = ("sqlite", "postgres")
 
 
 class RealProviderCall(RuntimeError):
@@ -70,3 +78,52 @@ def no_real_provider(
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     yield
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_stores` run against SQLite and PostgreSQL."""
+    if "store_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_stores"
+    ):
+        metafunc.parametrize("store_kind", STORES, indirect=True)
+
+
+@pytest.fixture
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Which transcript store the test's agent services use."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL server for the whole test session (Debian's `postgresql` package)."""
+    bindir = binaries()
+    if bindir is None:
+        message = "PostgreSQL is not installed (make test installs it: scripts/ensure_postgres.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    cluster = PostgresCluster(bindir).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def database_url(
+    store_kind: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[[], str | None]]:
+    """Factory: a new database's URL for PostgreSQL tests (None: SQLite under data_dir)."""
+    made: list[str] = []
+
+    def make() -> str | None:
+        if store_kind != "postgres":
+            return None
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        made.append(cluster.create_database())
+        return made[-1]
+
+    yield make
+    if made:
+        cluster = request.getfixturevalue("postgres_cluster")
+        for url in made:
+            cluster.drop_database(url)

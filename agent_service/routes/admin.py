@@ -29,10 +29,17 @@ async def health(svc: Svc) -> dict[str, Any]:
 
 @router.get("/admin/cache-stats")
 async def cache_stats(svc: Svc, caller: Admin) -> dict[str, Any]:
-    return svc.prompts.stats()
+    """This replica's prompt cache, and under `replicas` which prompt each replica serves."""
+    return {
+        **svc.prompts.stats(),
+        "replica": svc.replicas.name,
+        "replicas": await svc.replicas.members(),
+    }
 
 
 @router.post("/admin/clear-cache")
 async def clear_cache(svc: Svc, caller: Admin) -> dict[str, Any]:
+    """Drop the cached prompt here and on every other replica."""
     svc.prompts.clear()
-    return {"cleared": True, **svc.prompts.stats()}
+    await svc.replicas.clear_prompts()
+    return {"cleared": True, **svc.prompts.stats(), "replica": svc.replicas.name}

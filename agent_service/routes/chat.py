@@ -211,7 +211,10 @@ async def chat(request: Request, svc: Svc, caller: Caller) -> Response:
             spec.attachments = await files.save_files(svc, sid, attached, tell_model=False)
         await svc.agent.run_turn(spec, emit)
 
-    queue = svc.turns.start(sid, run)
+    try:
+        queue = await svc.turns.start(sid, run)
+    except SessionBusy as exc:  # a turn began meanwhile, here or on another replica
+        return error_response(exc, headers)
     completion = Completion(body.model)
     if not body.stream:
         return await _complete(queue, completion, headers)

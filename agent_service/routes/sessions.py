@@ -48,13 +48,14 @@ async def get_session(session_id: str, svc: Svc, caller: Caller) -> dict[str, An
     events = [
         {"id": e.id, "turn": e.turn, "type": e.type, "created": e.created, **e.data} for e in stored
     ]
-    return {**record.summary(), "busy": svc.turns.busy(session_id), "events": events}
+    busy = await svc.turns.busy_anywhere(session_id)
+    return {**record.summary(), "busy": busy, "events": events}
 
 
 @router.delete("/{session_id}")
 async def delete_session(session_id: str, svc: Svc, caller: Caller) -> dict[str, Any]:
     _visible(svc, caller, session_id)
-    with svc.turns.reserve(session_id):  # no turn may start while the session goes away
+    async with svc.turns.reserve(session_id):  # no turn may start while the session goes away
         try:
             async with asyncio.timeout(30):
                 outcome = await svc.kernels.call(
@@ -106,7 +107,10 @@ async def execute(
             if not isinstance(exc, Exception):
                 raise
 
-    svc.turns.start(session_id, run)  # the session is busy while the code runs
+    try:
+        await svc.turns.start(session_id, run)  # the session is busy while the code runs
+    except SessionBusy as exc:  # a turn began meanwhile, here or on another replica
+        return error_response(exc, headers)
     event_id, outcome = await asyncio.shield(done)
     result = outcome.structured or {}
     base = str(request.base_url)

@@ -1,5 +1,9 @@
 """The whole stack on 127.0.0.1 (the kernel_agent plugin's `agent_factory`), and agent_service
-as a process of its own for the signal tests."""
+as a process of its own for the signal tests.
+
+The agent's transcript store is SQLite, or PostgreSQL for tests marked `both_stores` (see
+tests/conftest.py: `store_kind` and `database_url`).
+"""
 
 from __future__ import annotations
 
@@ -25,11 +29,16 @@ Stack = AgentStack
 
 
 @pytest.fixture
-def start_stack(agent_factory: Callable[..., AgentStack]) -> Callable[..., AgentStack]:
+def start_stack(
+    database_url: Callable[[], str | None], agent_factory: Callable[..., AgentStack]
+) -> Callable[..., AgentStack]:
     """Factory: the plugin's whole stack with this suite's defaults; stopped after the test.
 
     Two provider retries and a 10 s model deadline (the retry and timeout tests rely on
-    them), the web page on, interrupts given 1 s.
+    them), the web page on, interrupts given 1 s; transcripts in the test's store (a new
+    database of its own on PostgreSQL). `database_url` comes first: set up before
+    `agent_factory`, it is torn down after it, so a database is dropped only once the
+    stacks on it have stopped.
     """
 
     def start(model: str | None = "hosted_vllm/fake", **agent_overrides: Any) -> AgentStack:
@@ -38,6 +47,7 @@ def start_stack(agent_factory: Callable[..., AgentStack]) -> Callable[..., Agent
             "llm_retries": 2,
             "llm_timeout": 10,
             "ui": True,
+            "database_url": database_url(),
             **agent_overrides,
         }
         return agent_factory(kernel_mcp={"interrupt_grace": 1.0}, **values)
@@ -76,9 +86,16 @@ class AgentProcess:
 
 
 @pytest.fixture
-async def agent_process(stack: AgentStack) -> AsyncIterator[Callable[..., Any]]:
-    """Factory: agent_service in a subprocess on the stack's kernel_mcp, LLM and data."""
+async def agent_process(
+    stack: AgentStack, database_url: Callable[[], str | None]
+) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: agent_service in a subprocess on the stack's kernel_mcp, LLM and data.
+
+    On PostgreSQL its processes share a database of their own, apart from the stack's agent
+    (as its own data folder is apart); `AGENT_DATABASE_URL=` in `env` picks another.
+    """
     started: list[AgentProcess] = []
+    database = database_url() if stack.agent_settings.postgres_url is not None else None
 
     async def start(**env: str) -> AgentProcess:
         port = free_port()
@@ -93,6 +110,7 @@ async def agent_process(stack: AgentStack) -> AsyncIterator[Callable[..., Any]]:
             "AGENT_NOTEBOOKS_DIR": str(stack.root / "process-notebooks"),
             "AGENT_LLM_RETRIES": "0",
             "AGENT_UI": "false",
+            **({"AGENT_DATABASE_URL": database} if database else {}),
             **env,
         }
         with log.open("wb") as out:

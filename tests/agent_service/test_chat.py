@@ -35,6 +35,7 @@ async def stream_turn(stack: Stack, session: str, text: str) -> tuple[str, list]
     return content, chunks
 
 
+@pytest.mark.both_stores
 async def test_three_turns_share_state_and_a_plot_is_served(stack: Stack) -> None:
     stack.llm.script(
         ToolCall("execute_code", {"code": "data = [3, 1, 2]\nprint(sum(data))"}),
@@ -126,6 +127,7 @@ async def test_tool_call_arguments_fragmented_and_parallel(stack: Stack) -> None
     assert [m["content"] for m in tool_messages] == ["[no output]", "3"]
 
 
+@pytest.mark.both_stores
 async def test_concurrent_turn_gets_409(stack: Stack) -> None:
     # The first turn's code runs until the test lets it go: the 409 cannot come after it.
     wait = "import os, time\nwhile not os.path.exists('go'):\n    time.sleep(0.02)"
@@ -175,6 +177,7 @@ async def test_rate_limit_exhausted_is_an_http_error(stack: Stack) -> None:
     assert info.value.code == "rate_limit_exceeded"
 
 
+@pytest.mark.both_stores
 async def test_provider_500_mid_stream_ends_cleanly_and_keeps_transcript(stack: Stack) -> None:
     stack.llm.script(
         ToolCall("execute_code", {"code": "kept = 5"}),
@@ -208,6 +211,7 @@ async def test_provider_500_mid_stream_ends_cleanly_and_keeps_transcript(stack: 
     assert "```text\n5\n```" in content
 
 
+@pytest.mark.both_stores
 async def test_disconnect_mid_execution_still_saves_the_turn(stack: Stack) -> None:
     stack.llm.script(
         ToolCall("execute_code", {"code": "import time; time.sleep(1.5); done = 'yes'"}),
@@ -234,6 +238,7 @@ async def test_disconnect_mid_execution_still_saves_the_turn(stack: Stack) -> No
     assert session["events"][3]["structured"]["status"] == "ok"
 
 
+@pytest.mark.both_stores
 async def test_restarted_service_lists_old_transcripts(stack: Stack) -> None:
     stack.llm.script(Text("First answer."))
     await stream_turn(stack, "persist-1", "remember me")
@@ -300,6 +305,7 @@ async def test_no_model_configured(start_stack) -> None:
     assert response.headers["x-should-retry"] == "false"
 
 
+@pytest.mark.both_stores
 async def test_prompt_cache_hit_miss_clear_and_fallback(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url) as http:
         stack.llm.script(Text("one"), Text("two"))
@@ -358,6 +364,7 @@ async def test_health_reports_kernel_mcp_and_model(stack: Stack) -> None:
     assert health["kernel_mcp"]["reachable"] is False
 
 
+@pytest.mark.both_stores
 async def test_back_to_back_turns_are_never_busy(stack: Stack) -> None:
     for i in range(6):
         stack.llm.script(ToolCall("execute_code", {"code": f"n = {i}"}), Text(f"set {i}"))
@@ -366,6 +373,7 @@ async def test_back_to_back_turns_are_never_busy(stack: Stack) -> None:
         assert content.endswith(f"set {i}")
 
 
+@pytest.mark.both_stores
 async def test_direct_execution_is_recorded_and_seen_by_the_model(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         response = await http.post(
@@ -400,6 +408,7 @@ async def test_skills_are_listed(stack: Stack) -> None:
     assert all(s["description"] for s in skills)
 
 
+@pytest.mark.both_stores
 async def test_session_sources_in_order_and_history_import(stack: Stack) -> None:
     stack.llm.script(Text("a"), Text("b"), Text("c"), Text("d"))
     client = stack.new_async_client()
@@ -458,6 +467,7 @@ async def test_openwebui_render_mode(stack: Stack) -> None:
     assert content.endswith("Done.")
 
 
+@pytest.mark.both_stores
 async def test_delete_session_shuts_its_kernel(stack: Stack) -> None:
     stack.llm.script(ToolCall("execute_code", {"code": "import os; os.getpid()"}), Text("ok"))
     await stream_turn(stack, "del-1", "pid?")
@@ -535,6 +545,7 @@ async def test_model_cannot_call_hidden_tools(stack: Stack) -> None:
     assert tool["content"] == "Unknown tool: 'shutdown_kernel'"
 
 
+@pytest.mark.both_stores
 async def test_signed_image_links_work_without_a_key(start_stack) -> None:
     stack: Stack = start_stack(api_keys=["k-1"])
     stack.llm.script(

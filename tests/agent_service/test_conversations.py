@@ -33,6 +33,7 @@ def tokens(request: dict[str, Any]) -> int:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.both_stores
 async def test_forty_turns_stay_within_the_budget_and_remember_turn_one(start_stack) -> None:
     stack: Stack = start_stack(max_input_tokens=BUDGET)
     stack.llm.script(
@@ -79,6 +80,7 @@ async def test_forty_turns_stay_within_the_budget_and_remember_turn_one(start_st
     assert first["text"].rstrip().endswith("999]")
 
 
+@pytest.mark.both_stores
 async def test_a_turn_reads_only_what_fits(start_stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """300 stored turns with a plot each: the next turn reads a few small rows, no outputs."""
     stack: Stack = start_stack(max_input_tokens=BUDGET)
@@ -128,6 +130,7 @@ async def test_a_turn_reads_only_what_fits(start_stack, monkeypatch: pytest.Monk
     assert tokens(stack.llm.requests[0]) <= BUDGET
 
 
+@pytest.mark.both_stores
 async def test_full_history_client_without_an_id_keeps_its_kernel(stack: Stack) -> None:
     """The README's example with no header: the same session, turn after turn."""
     client = stack.new_async_client()

@@ -46,6 +46,7 @@ async def _notebook(stack: Stack, session: str) -> tuple[httpx.Response, nbforma
     return response, nbformat.reads(response.text, as_version=4)
 
 
+@pytest.mark.both_stores
 async def test_export_matches_the_transcript_with_real_outputs(stack: Stack) -> None:
     stack.llm.script(
         ToolCall("execute_code", {"code": "xs = [1, 2, 3]\nprint(sum(xs))"}),
@@ -90,6 +91,7 @@ async def test_export_matches_the_transcript_with_real_outputs(stack: Stack) -> 
     assert written.metadata.kernel_agent.session_id == "nb-1"
 
 
+@pytest.mark.both_stores
 async def test_timeouts_restarts_and_odd_bytes_validate(stack: Stack) -> None:
     stack.llm.script(
         ToolCall("execute_code", {"code": "print(bytes(range(256)).decode('latin-1'))"}),
@@ -144,13 +146,14 @@ async def test_unknown_session_notebook_is_404(stack: Stack) -> None:
     assert response.json()["error"]["code"] == "session_not_found"
 
 
+@pytest.mark.both_stores
 async def test_thousand_cell_transcript_validates(stack: Stack, tmp_path: Path) -> None:
     stack.llm.script(
         ToolCall("execute_code", {"code": "import pandas as pd\npd.DataFrame({'a': [1]})"}),
         Text("A frame."),
     )
     await stream_turn(stack, "nb-big", "frame")
-    source = SqliteStore(stack.agent_settings.data_dir / "transcripts.sqlite3")
+    source = stack.services.store
     record = source.get_session("nb-big")
     events = source.events("nb-big")
     big = SqliteStore(tmp_path / "big.sqlite3")

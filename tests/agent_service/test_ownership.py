@@ -25,6 +25,7 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+@pytest.mark.both_stores
 async def test_sessions_belong_to_their_key(start_stack) -> None:
     stack: Stack = start_stack(api_keys=[ALICE, BOB], admin_keys=[ADMIN], secret_key=SECRET)
     stack.llm.script(ToolCall("execute_code", {"code": "mine = 'alice'"}), Text("Kept."))
@@ -79,6 +80,7 @@ async def test_sessions_belong_to_their_key(start_stack) -> None:
         assert deleted.status_code == 200
 
 
+@pytest.mark.both_stores
 async def test_image_links_are_signed_expire_and_use_no_client_key(start_stack) -> None:
     stack: Stack = start_stack(api_keys=[ALICE], secret_key=SECRET, image_link_ttl=3600)
     stack.llm.script(ToolCall("execute_code", {"code": PLOT}), Text("plotted"))

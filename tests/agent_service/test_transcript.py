@@ -163,6 +163,7 @@ async def test_sigterm_mid_stream_sends_an_error_event_and_done(
     assert session["events"][-1]["type"] == "error"
 
 
+@pytest.mark.both_stores
 async def test_lone_surrogates_are_refused_and_nothing_is_stored(stack: Stack) -> None:
     bad = '{"model": "kernel-agent", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
     headers = {"content-type": "application/json"}

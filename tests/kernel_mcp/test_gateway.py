@@ -7,6 +7,7 @@ workspace and the same gateway, as replicas share a volume and a gateway in prod
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import uuid
@@ -177,6 +178,19 @@ async def test_a_warm_kernel_serves_a_session_on_every_replica(start_manager: An
     assert not again.state_lost
     after = await three.kernel_info("s1")
     assert (after.kernel_id, after.generation) != (claimed.kernel_id, claimed.generation)
+
+
+async def test_a_record_naming_another_process_costs_one_handshake(start_manager: Any) -> None:
+    """What a replica does after another replica's restart, without the race of one."""
+    one: SessionManager = await start_manager()
+    await one.execute("s1", "x = 1")
+    path = one.settings.workspace / ".kernels" / "s1.lock"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "process": "another-process"}))
+    result = await one.execute("s1", "x + 1")
+    assert plain_of(result.outputs) == "2", "handshake first, then the call with its output"
+    assert not result.state_lost, "the kernel we hear is the one we had"
+    assert json.loads(path.read_text())["process"] == record["process"], "the record is true"
 
 
 async def _mcp_call(base: str, session: str, code: str) -> Any:

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from playwright.async_api import expect
 
-from kernel_agent_pytest.scripted_llm import Error, Stall, Text, ToolCall, ToolCalls
+from kernel_agent_pytest.scripted_llm import Error, Gate, Hold, Stall, Text, ToolCall, ToolCalls
 
 from .conftest import TIMEOUT_MS, Stack, Ui
 
@@ -159,6 +159,21 @@ async def test_busy_session_and_provider_failure_are_readable(stack: Stack, open
     await ui.see("#chat", "Error")
     text = await ui.page.locator("body").inner_text()
     assert "Traceback" not in text
+
+
+async def test_a_message_sent_during_a_turn_is_sent_after_it(stack: Stack, open_ui) -> None:
+    gate = Gate()
+    stack.llm.script(Hold(gate, Text("First answer.")), Text("Second answer."))
+    ui = await open_ui(stack)
+    await ui.send("first question")
+    await ui.see("#chat", "first question")  # the same update emptied the message box
+    await stack.llm.wait_for_requests(1)
+    await ui.send("second question")
+    gate.open()
+    await ui.see("#chat", "Second answer.")
+    await ui.see("#chat", "First answer.")
+    users = [m["content"] for m in stack.llm.requests[1]["messages"] if m["role"] == "user"]
+    assert users == ["first question", "second question"]
 
 
 async def test_no_model_configured_is_explained(start_stack, open_ui) -> None:

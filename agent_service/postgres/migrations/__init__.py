@@ -1,0 +1,1 @@
+"""Alembic migrations of the PostgreSQL schema (see `agent_service.postgres.migrate`)."""
