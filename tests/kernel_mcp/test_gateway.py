@@ -180,6 +180,7 @@ async def test_a_warm_kernel_serves_a_session_on_every_replica(start_manager: An
     assert (after.kernel_id, after.generation) != (claimed.kernel_id, claimed.generation)
 
 
+@ON_EG
 async def test_a_record_naming_another_process_costs_one_handshake(start_manager: Any) -> None:
     """What a replica does after another replica's restart, without the race of one."""
     one: SessionManager = await start_manager()
