@@ -33,6 +33,7 @@ from ..schemas import ChatCompletionRequest, ChatMessage, Completion
 from ..security import Principal
 from ..services import Services
 from ..store import NewEvent, TranscriptStore
+from ..titles import session_title
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def _record_request(
         store.create_session(sid, body.model, caller.owner)
         record = caller.visible(store.get_session(sid), sid)  # another key may have won
         first_user = next(m.text() for m in body.messages if m.role == "user")
-        store.update_session(sid, title=first_user.strip()[:80])
+        store.update_session(sid, title=session_title(first_user))
         events: list[NewEvent] = []
         turn = 0
         for message in body.messages[:-1]:

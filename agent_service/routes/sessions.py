@@ -20,6 +20,7 @@ from ..schemas import ExecuteRequest
 from ..security import Principal
 from ..services import Services
 from ..store import SessionRecord
+from ..titles import session_title
 from .chat import error_response
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ async def execute(
     if record is None:
         svc.store.create_session(session_id, svc.settings.model_alias, caller.owner)
         caller.visible(svc.store.get_session(session_id), session_id)
-        first_line = (body.code.strip().splitlines() or ["(code)"])[0]
-        svc.store.update_session(session_id, title=first_line[:80])
+        title = session_title(body.code, markdown=False) or "(code)"
+        svc.store.update_session(session_id, title=title)
     done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     async def run(_emit: Any) -> None:
