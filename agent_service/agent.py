@@ -39,7 +39,7 @@ from .context import (
 from .conversation import extend_digest
 from .errors import ContextTooLarge, KernelServiceError, ProviderError, ServiceError
 from .exporter import NotebookExporter
-from .kernel_client import KernelClient, ToolOutcome
+from .kernel_client import KernelClient, KernelSession, ProgressHandler, ToolOutcome
 from .llm import ModelAdapter, ModelParams, ModelReply, TextDelta, ToolCallRequest
 from .prompt_cache import PromptCache
 from .render import ContentRenderer, ImageUrl
@@ -70,6 +70,14 @@ _SHUT_DOWN = (
     "[interrupted: the service shut down while this call was running; the kernel was asked "
     "to stop it, and may hold part of its effects.{seen}]"
 )
+STOPPED = "Stopped: you stopped this turn. The kernel keeps its variables."
+_STOPPED_FOR_MODEL = (
+    "The user stopped the previous turn while it ran; code that was running got a "
+    "KeyboardInterrupt and the kernel kept its variables. Do not resume that work unless asked."
+)
+_NOT_RUN = "[not executed: the user stopped the turn before this call ran]"
+_STOP_INTERRUPTS = 3
+"""Interrupts a stopped tool call gets (one may reach the kernel before the code starts)."""
 _BUDGET_MARGIN = 0.02
 """Share of the input budget kept free: provider tokenizers may count a little more."""
 _COUNT_INLINE_CHARS = 20_000
@@ -109,6 +117,8 @@ class TurnSpec:
     image_url: ImageUrl
     model: str
     params: ModelParams = field(default_factory=ModelParams)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the user asks the turn to stop."""
 
 
 def kernel_identity(info: dict[str, Any] | None) -> str | None:
@@ -263,7 +273,15 @@ class Agent:
                         final = Finished(reply.finish_reason or "stop", usage)
                         return
                     for call in reply.tool_calls:
-                        await self._run_tool(t, call, kernel)
+                        if spec.stop.is_set():
+                            outcome = ToolOutcome(_NOT_RUN, is_error=True)
+                            await self._record_tool(t, call, {}, outcome)
+                        else:
+                            await self._run_tool(t, call, kernel)
+                    if spec.stop.is_set():
+                        await self._stopped(t)
+                        final = Finished("stop", usage)
+                        return
             closing = (
                 f"I stopped after {self.settings.max_tool_rounds} rounds of tool calls without "
                 "reaching a final answer. Ask me to continue, or narrow the task."
@@ -293,6 +311,48 @@ class Agent:
             self.exporter.schedule(sid)
             if final is not None:
                 emit(final)
+
+    async def _stopped(self, t: _Turn) -> None:
+        """End a turn the user stopped: say so, and tell the model next turn."""
+        logger.info("session %s: turn %d stopped by the user", t.sid, t.turn)
+        message = {"role": "user", "content": service_note(_STOPPED_FOR_MODEL)}
+        data = {"kind": "stopped", "text": STOPPED, "for_model": _STOPPED_FOR_MODEL}
+        self._append(t, "note", data, await self._item(message, None, t.count))
+        t.say(t.renderer.note(STOPPED))
+
+    async def _call_until_stopped(
+        self,
+        sid: str,
+        kernel: KernelSession,
+        stop: asyncio.Event,
+        name: str,
+        arguments: dict[str, Any],
+        on_output: ProgressHandler | None = None,
+    ) -> ToolOutcome:
+        """A tool call that the kernel is interrupted out of when `stop` is set.
+
+        The call itself goes on to its end (a KeyboardInterrupt result), so the kernel and its
+        variables stay; an interrupt that reaches the kernel before the code begins is lost,
+        hence a few, each given `stop_wait` seconds.
+        """
+        call = asyncio.ensure_future(kernel.call(name, arguments, on_output))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({call, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for _ in range(_STOP_INTERRUPTS):
+                if call.done():
+                    break
+                logger.info("session %s: stop asked; interrupting the kernel", sid)
+                interrupt = await kernel.call("interrupt_kernel", {}, allow_hidden=True)
+                if interrupt.is_error:
+                    logger.warning("session %s: interrupt failed: %s", sid, interrupt.text)
+                await asyncio.wait({call}, timeout=self.settings.stop_wait)
+            return await call
+        finally:
+            stopping.cancel()
+            if not call.done():  # we were cancelled (the service shuts down): so is the call
+                call.cancel()
+                await asyncio.wait({call})
 
     def _extend_digest(self, sid: str, user: str, reply: str) -> None:
         """Let a client that sends the whole history continue this session without an id."""
@@ -443,7 +503,9 @@ class Agent:
             t.say(t.renderer.live(text))
 
         try:
-            outcome = await kernel.call(call.name, arguments, on_output)
+            outcome = await self._call_until_stopped(
+                t.sid, kernel, t.spec.stop, call.name, arguments, on_output
+            )
         except KernelServiceError as exc:
             await self._record_tool(t, call, arguments, ToolOutcome(exc.message, is_error=True))
             self.store.drop_output(started_id)
@@ -474,9 +536,12 @@ class Agent:
             await self._remember_kernel(t.sid, kernel, refresh=_restarted(call.name, outcome))
 
     async def execute_direct(
-        self, sid: str, code: str, timeout: float | None
+        self, sid: str, code: str, timeout: float | None, stop: asyncio.Event | None = None
     ) -> tuple[int, ToolOutcome]:
-        """Run code the user typed (no model), recorded like any execution."""
+        """Run code the user typed (no model), recorded like any execution.
+
+        Setting `stop` interrupts it (it then ends with a KeyboardInterrupt).
+        """
         await self.model.ready()
         record = self.store.get_session(sid)
         turn = (record.last_turn if record else 0) + 1
@@ -493,7 +558,9 @@ class Agent:
         try:
             async with self.kernels.session(sid) as kernel:
                 await self._check_kernel(t, kernel)
-                outcome = await kernel.call("execute_code", arguments)
+                outcome = await self._call_until_stopped(
+                    sid, kernel, stop or asyncio.Event(), "execute_code", arguments
+                )
                 if not outcome.is_error or _restarted("execute_code", outcome):
                     await self._remember_kernel(
                         sid, kernel, refresh=_restarted("execute_code", outcome)

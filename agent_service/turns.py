@@ -23,6 +23,7 @@ class TurnRegistry:
 
     def __init__(self) -> None:
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._stops: dict[str, asyncio.Event] = {}
         self._reserved: set[str] = set()
 
     def busy(self, session_id: str) -> bool:
@@ -39,10 +40,24 @@ class TurnRegistry:
         finally:
             self._reserved.discard(session_id)
 
+    def stop(self, session_id: str) -> bool:
+        """Ask the session's running turn to stop (its `stop` event); False if none runs."""
+        stop = self._stops.get(session_id)
+        if stop is None:
+            return False
+        stop.set()
+        return True
+
     def start(
-        self, session_id: str, run: Callable[[Callable[[TurnEvent], None]], Awaitable[None]]
+        self,
+        session_id: str,
+        run: Callable[[Callable[[TurnEvent], None]], Awaitable[None]],
+        stop: asyncio.Event | None = None,
     ) -> asyncio.Queue[TurnEvent]:
-        """Start `run(emit)` for the session; its events arrive on the returned queue."""
+        """Start `run(emit)` for the session; its events arrive on the returned queue.
+
+        `stop` is set when someone asks the turn to stop; `run` decides what that means.
+        """
         if self.busy(session_id):
             raise SessionBusy(
                 f"session {session_id} is already running a turn; wait for it to finish"
@@ -71,8 +86,10 @@ class TurnRegistry:
                 emit(Failed(ServiceError("the turn failed unexpectedly; the transcript is kept")))
             finally:
                 self._running.pop(session_id, None)
+                self._stops.pop(session_id, None)
                 emit(Failed(ServiceError("the turn ended without an answer")))  # if none came
 
+        self._stops[session_id] = stop if stop is not None else asyncio.Event()
         self._running[session_id] = asyncio.create_task(main(), name=f"turn-{session_id}")
         return queue
 

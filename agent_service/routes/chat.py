@@ -203,7 +203,7 @@ async def chat(request: Request, svc: Svc, caller: Caller) -> Response:
         await asyncio.to_thread(_record_request, svc.store, sid, body, caller)
         await svc.agent.run_turn(spec, emit)
 
-    queue = svc.turns.start(sid, run)
+    queue = svc.turns.start(sid, run, stop=spec.stop)
     completion = Completion(body.model)
     if not body.stream:
         return await _complete(queue, completion, headers)

@@ -1,4 +1,4 @@
-"""Sessions: list, read, delete, run code, notebook, kernel, image outputs."""
+"""Sessions: list, read, delete, run code, interrupt, notebook, kernel, image outputs."""
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations.
 
@@ -98,16 +98,19 @@ async def execute(
         title = session_title(body.code, markdown=False) or "(code)"
         svc.store.update_session(session_id, title=title)
     done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
 
     async def run(_emit: Any) -> None:
         try:
-            done.set_result(await svc.agent.execute_direct(session_id, body.code, body.timeout))
+            done.set_result(
+                await svc.agent.execute_direct(session_id, body.code, body.timeout, stop)
+            )
         except BaseException as exc:
             done.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
 
-    svc.turns.start(session_id, run)  # the session is busy while the code runs
+    svc.turns.start(session_id, run, stop=stop)  # the session is busy while the code runs
     event_id, outcome = await asyncio.shield(done)
     result = outcome.structured or {}
     base = str(request.base_url)
@@ -128,6 +131,20 @@ async def execute(
         },
         headers=headers,
     )
+
+
+@router.post("/{session_id}/interrupt")
+async def interrupt(session_id: str, svc: Svc, caller: Caller) -> dict[str, Any]:
+    """Stop the session's running turn (or code run): the kernel is interrupted, its
+    variables kept, and the turn ends without calling the model again.
+
+    `interrupted` is false when nothing was running; the kernel is then left alone.
+    """
+    _visible(svc, caller, session_id)
+    stopping = svc.turns.stop(session_id)
+    if stopping:
+        logger.info("session %s: stop asked", session_id)
+    return {"id": session_id, "object": "session", "interrupted": stopping}
 
 
 @router.get("/{session_id}/notebook")
