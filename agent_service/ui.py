@@ -250,6 +250,17 @@ def _attach_md(info: dict[str, Any]) -> str:
 
 # -- the page -------------------------------------------------------------------------------
 
+RUNNING = "Running… Stop interrupts the code it runs; the kernel keeps its variables."
+
+
+def _running(on: bool) -> tuple[Any, Any, Any]:
+    """The running line, the Send button and the Stop button, for a turn running or not."""
+    return (
+        gr.Markdown(RUNNING if on else ""),
+        gr.Button(visible=not on),
+        gr.Button("Stop", visible=on, interactive=on),
+    )
+
 
 class _Handlers:
     """The page's event handlers; each call speaks HTTP to the service."""
@@ -317,28 +328,45 @@ class _Handlers:
         """Stream one turn into the chat."""
         message, sid = (message or "").strip(), sid or uuid.uuid4().hex
         if not message:
-            yield gr.skip(), gr.skip(), gr.skip(), sid
+            yield gr.skip(), gr.skip(), gr.skip(), sid, *[gr.skip()] * 3
             return
         api = self.api(request, key)
         history = [*history, {"role": "user", "content": message}]
-        yield "", [*history, {"role": "assistant", "content": ""}], "", sid
+        running, idle = _running(True), _running(False)
+        yield "", [*history, {"role": "assistant", "content": ""}], "", sid, *running
         text, images = "", dict[str, str]()
         try:
             async for delta in api.chat(sid, model or self.settings.model_alias, message):
                 text += delta
                 shown = await api.inline_images(text, images) if api.keyed else text
-                yield "", [*history, {"role": "assistant", "content": shown}], "", sid
+                chat = [*history, {"role": "assistant", "content": shown}]
+                yield "", chat, "", sid, *[gr.skip()] * 3
         except _ApiError as exc:
             error = f"**Error:** {exc}"
             reply = f"{text}\n\n{error}" if text else error
-            yield gr.skip(), [*history, {"role": "assistant", "content": reply}], error, sid
+            chat = [*history, {"role": "assistant", "content": reply}]
+            yield gr.skip(), chat, error, sid, *idle
             return
         # The turn is saved: show it as recorded, with DataFrames as tables, not text.
         try:
             record = (await api.call("GET", f"/v1/sessions/{sid}")).json()
         except _ApiError:
-            return  # keep the streamed text
-        yield "", _history(record.get("events", [])), "", sid
+            yield gr.skip(), gr.skip(), gr.skip(), sid, *idle  # keep the streamed text
+            return
+        yield "", _history(record.get("events", [])), "", sid, *idle
+
+    async def stop(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
+        """Ask the service to stop the session's running turn; the stream then ends.
+
+        Only the button says so: this answer may come after the turn has ended.
+        """
+        if not sid:
+            return gr.skip(), gr.skip()
+        try:
+            await self.api(request, key).call("POST", f"/v1/sessions/{sid}/interrupt")
+        except _ApiError as exc:
+            return gr.skip(), f"**Error:** {exc}"
+        return gr.Button("Stopping…", interactive=False), gr.skip()
 
     async def run_code(self, code: str, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
         """Run the code box in the session's kernel, without the model."""
@@ -356,26 +384,43 @@ class _Handlers:
     async def open_session(self, chosen: str, key: str, request: gr.Request) -> tuple[Any, ...]:
         """Show a past session's history and make it the current one."""
         if not chosen:
-            return gr.skip(), gr.skip(), "", ""
+            return gr.skip(), gr.skip(), "", "", *_running(False)
         try:
             record = (await self.api(request, key).call("GET", f"/v1/sessions/{chosen}")).json()
         except _ApiError as exc:
-            return gr.skip(), gr.skip(), f"**Error:** {exc}", ""
+            return gr.skip(), gr.skip(), f"**Error:** {exc}", "", *_running(False)
         busy = "This session is running a turn right now." if record.get("busy") else ""
-        return chosen, _history(record.get("events", [])), busy, ""
+        return chosen, _history(record.get("events", [])), busy, "", *_running(False)
 
     async def new_session(self) -> tuple[Any, ...]:
         """A session exists from its first message or code run; until then it has no id."""
-        return "", [], "", "", ""
+        return "", [], "", "", "", *_running(False)
+
+    async def ask_delete(self, sid: str) -> tuple[Any, ...]:
+        """Show the confirmation of Delete, naming what goes."""
+        if not sid:
+            return gr.skip(), gr.skip()
+        question = (
+            f"Delete session `{sid[:8]}`? Its transcript, notebook, kernel and files are "
+            "removed for good."
+        )
+        return gr.Group(visible=True), question
 
     async def delete_session(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
+        hidden = gr.Group(visible=False)
         if not sid:
-            return gr.skip(), gr.skip(), "Nothing to delete: this session has not started.", ""
+            return (
+                gr.skip(),
+                gr.skip(),
+                "Nothing to delete: this session has not started.",
+                "",
+                hidden,
+            )
         try:
             await self.api(request, key).call("DELETE", f"/v1/sessions/{sid}")
         except _ApiError as exc:
-            return gr.skip(), gr.skip(), f"**Error:** {exc}", gr.skip()
-        return "", [], f"Deleted session `{sid}`.", ""
+            return gr.skip(), gr.skip(), f"**Error:** {exc}", gr.skip(), hidden
+        return "", [], f"Deleted session `{sid}`.", "", hidden
 
     async def attach(self, sid: str, key: str, request: gr.Request) -> str:
         if not sid:
@@ -417,6 +462,24 @@ def _status(notes: list[str]) -> str:
     return "\n\n".join(f"**{n}**" for n in notes)
 
 
+# The chat fills the window below the header and above the message box; the page itself
+# does not scroll for it.
+CSS = """
+#chat { height: calc(100vh - 270px) !important; min-height: 320px; }
+#header { align-items: baseline; }
+#header h2 { margin: 0; }
+#about { text-align: right; }
+#turn-state { min-height: 1.4em; }
+#turn-state p { margin: 0; color: var(--body-text-color-subdued); }
+#turn-state p::before {
+  content: ""; display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.5em;
+  vertical-align: -0.1em; border: 2px solid currentColor; border-right-color: transparent;
+  border-radius: 50%; animation: kernel-agent-spin 0.9s linear infinite;
+}
+@keyframes kernel-agent-spin { to { transform: rotate(360deg); } }
+"""
+
+
 def build_ui(settings: Settings) -> gr.Blocks:
     """The page: chat, code box, sessions, model and key, skills."""
     h = _Handlers(settings)
@@ -424,15 +487,26 @@ def build_ui(settings: Settings) -> gr.Blocks:
     with page:
         sid = gr.State("")
         saved_key = gr.BrowserState("", storage_key="kernel-agent-api-key")
-        gr.Markdown("## kernel-agent\nAn agent that computes in a live Jupyter kernel.")
-        about = gr.Markdown(elem_id="about")
+        with gr.Row(elem_id="header"):
+            gr.Markdown("## kernel-agent", elem_id="title")
+            about = gr.Markdown(elem_id="about")
         status = gr.Markdown(elem_id="status")
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
                 sessions = gr.Dropdown(label="Sessions", choices=[], elem_id="sessions")
                 with gr.Row():
                     new = gr.Button("New session", size="sm", elem_id="new-session")
-                    delete = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
+                    # Enabled once a session is selected; asks before it deletes.
+                    delete = gr.Button(
+                        "Delete", size="sm", variant="stop", interactive=False, elem_id="delete"
+                    )
+                with gr.Group(visible=False, elem_id="delete-confirm") as confirm:
+                    question = gr.Markdown(elem_id="delete-question", padding=True)
+                    with gr.Row():
+                        confirmed = gr.Button(
+                            "Delete", size="sm", variant="stop", min_width=80, elem_id="delete-yes"
+                        )
+                        cancel = gr.Button("Keep it", size="sm", min_width=80, elem_id="delete-no")
                 download = gr.DownloadButton(
                     "Download notebook", size="sm", interactive=False, elem_id="download"
                 )
@@ -453,16 +527,23 @@ def build_ui(settings: Settings) -> gr.Blocks:
                 chat = gr.Chatbot(
                     show_label=False,
                     elem_id="chat",
-                    height=520,
                     feedback_options=None,
                     buttons=["copy"],
                 )
-                with gr.Row():
+                running = gr.Markdown(elem_id="turn-state")  # empty unless a turn runs
+                with gr.Row(equal_height=True):
+                    # One line that grows: Enter sends, Shift+Enter starts a new line.
                     message = gr.Textbox(
-                        show_label=False, placeholder="Ask the agent…", scale=5, elem_id="message"
+                        show_label=False,
+                        placeholder="Ask the agent… (Enter sends, Shift+Enter starts a new line)",
+                        lines=1,
+                        max_lines=8,
+                        scale=5,
+                        elem_id="message",
                     )
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                with gr.Accordion("Run Python in this session's kernel", open=True):
+                    stop = gr.Button("Stop", variant="stop", scale=1, visible=False, elem_id="stop")
+                with gr.Accordion("Run Python in this session's kernel", open=False):
                     code = gr.Code(language="python", lines=4, show_label=False, elem_id="code")
                     run = gr.Button("Run", size="sm", elem_id="run")
                     code_output = gr.Markdown(elem_id="code-output")
@@ -470,37 +551,51 @@ def build_ui(settings: Settings) -> gr.Blocks:
         quick: dict[str, Any] = {"concurrency_limit": None, "show_progress": "hidden"}
         after = {"fn": h.refresh, "inputs": [sid, key], "outputs": [sessions, download], **quick}
         overview = [key, about, model, sessions, skills, status, settings_panel]
+        turn_state = [running, send, stop]
         page.load(h.refresh_all, [saved_key], overview, **quick)
         gr.on([key.submit, key.blur], h.refresh_all, [key], [saved_key, *overview[1:]], **quick)
         sent = gr.on(
             [send.click, message.submit],
             h.send,
             [message, chat, sid, model, key],
-            [message, chat, status, sid],
-            concurrency_limit=None,
+            [message, chat, status, sid, *turn_state],
+            # A message sent while the last one still finishes is sent (the service answers
+            # 409 if its turn still runs), never dropped without a word.
+            trigger_mode="multiple",
+            **quick,
         )
         sent.then(**after)
+        stop.click(h.stop, [sid, key], [stop, status], **quick)
         run.click(
             h.run_code, [code, sid, key], [code_output, status, sid], concurrency_limit=None
         ).then(**after)
+        # Delete is for the session shown, and only once it exists.
+        sid.change(
+            lambda current: (gr.Button(interactive=bool(current)), gr.Group(visible=False)),
+            [sid],
+            [delete, confirm],
+            **quick,
+        )
+        delete.click(h.ask_delete, [sid], [confirm, question], **quick)
+        cancel.click(lambda: gr.Group(visible=False), None, [confirm], **quick)
         # Leaving a session stops showing its stream; the turn itself runs on in the service.
         sessions.input(
             h.open_session,
             [sessions, key],
-            [sid, chat, status, attach_info],
+            [sid, chat, status, attach_info, *turn_state],
             cancels=[sent],
             **quick,
         ).then(**after)
         new.click(
             h.new_session,
             None,
-            [sid, chat, status, attach_info, code_output],
+            [sid, chat, status, attach_info, code_output, *turn_state],
             cancels=[sent],
             **quick,
         ).then(**after)
-        delete.click(h.delete_session, [sid, key], [sid, chat, status, attach_info], **quick).then(
-            **after
-        )
+        confirmed.click(
+            h.delete_session, [sid, key], [sid, chat, status, attach_info, confirm], **quick
+        ).then(**after)
         attach.click(h.attach, [sid, key], [attach_info], **quick)
     weakref.finalize(page, shutil.rmtree, h.downloads, True)
     return page
@@ -516,6 +611,7 @@ def mount_ui(app: FastAPI, settings: Settings) -> None:
         run_history=False,
         ssr_mode=False,
         mcp_server=False,
+        css=CSS,
         show_error=False,
     )
     logger.info("web UI at %s", MOUNT_PATH)
