@@ -152,6 +152,7 @@ async def test_busy_session_and_provider_failure_are_readable(stack: Stack, open
     await ui.run_code("print('meanwhile')")
     await ui.see("#code-output", "running a turn")
     await ui.see("#chat", "Slow answer.")
+    await ui.idle()  # the page is done with that turn: the next message is not its
     # retry-after 0: litellm retries at once, so the page shows the failure without backoff.
     stack.llm.script(*[Error(500, "the provider is down", headers={"retry-after": "0"})] * 3)
     await ui.send("again")
