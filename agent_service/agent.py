@@ -39,6 +39,7 @@ from .context import (
 from .conversation import extend_digest
 from .errors import ContextTooLarge, KernelServiceError, ProviderError, ServiceError
 from .exporter import NotebookExporter
+from .files import KernelFiles, SavedFile, SessionFile, upload_note
 from .kernel_client import KernelClient, KernelSession, ProgressHandler, ToolOutcome
 from .llm import ModelAdapter, ModelParams, ModelReply, TextDelta, ToolCallRequest
 from .prompt_cache import PromptCache
@@ -85,6 +86,29 @@ _COUNT_INLINE_CHARS = 20_000
 _LIVE_KEPT_CHARS = 100_000
 _CACHED_SESSIONS = 32
 """Sessions whose model-ready history is kept in memory between turns."""
+_WRITING_TOOLS = frozenset({"execute_code", "write_file"})
+"""Tools that can write files: the session folder is listed before the first one runs."""
+
+
+def _shown(entry: SessionFile) -> bool:
+    """Files a turn reports: not symlinks, nothing hidden (`.outputs/`, dot files)."""
+    return entry.type == "file" and not any(p.startswith(".") for p in entry.path.split("/"))
+
+
+def _size(size: int) -> str:
+    if size < 1000:
+        return f"{size:,} bytes"
+    value = float(size)
+    for unit in ("KB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _link_text(path: str) -> str:
+    """A path as markdown link text ([ and ] escaped)."""
+    return path.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
 
 
 @dataclass
@@ -117,6 +141,10 @@ class TurnSpec:
     image_url: ImageUrl
     model: str
     params: ModelParams = field(default_factory=ModelParams)
+    file_url: Callable[[str], str] | None = None
+    """Maps a session file's path to its download link (None: files written go unlisted)."""
+    attachments: list[SavedFile] = field(default_factory=list)
+    """Files the user message carried, saved in the session folder before the turn."""
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the user asks the turn to stop."""
 
@@ -171,6 +199,8 @@ class _Turn:
         self.count = counter
         self.current: list[Item] = []
         self.sent: list[str] = []
+        self.files_before: dict[str, tuple[int, str]] | None = None
+        """The session folder before the turn's first tool that can write (path: size, time)."""
         self._emit = emit
 
     def say(self, text: str) -> None:
@@ -190,6 +220,7 @@ class Agent:
         prompts: PromptCache,
         model: ModelAdapter,
         exporter: NotebookExporter,
+        files: KernelFiles | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -197,13 +228,28 @@ class Agent:
         self.prompts = prompts
         self.model = model
         self.exporter = exporter
+        self.files = files
         self._histories: OrderedDict[str, _CachedHistory] = OrderedDict()
         self._cached_model: dict[str, str] = {}
+        self._noted: set[str] = set()
+        """Sessions given a note outside a turn since their turn began: keep no history."""
 
     def forget(self, session_id: str) -> None:
         """Drop what is kept in memory of a session (it was deleted or changed elsewhere)."""
         self._histories.pop(session_id, None)
         self._cached_model.pop(session_id, None)
+
+    def add_note(self, session_id: str, data: dict[str, Any]) -> None:
+        """Append a note outside any turn (e.g. files uploaded); `for_model` reaches the model.
+
+        It joins the session's latest turn, so the next turn's history carries it. A turn
+        running meanwhile keeps no history for later: the next one reads the store again.
+        """
+        record = self.store.get_session(session_id)
+        self.store.append(session_id, record.last_turn if record else 0, "note", data)
+        self._noted.add(session_id)
+        self.forget(session_id)
+        self.exporter.schedule(session_id)
 
     def counter(self, model: str) -> Counter:
         return functools.partial(self.model.count_tokens, model)
@@ -236,11 +282,17 @@ class Agent:
         """Run one turn to its end, emitting content; never raises for expected faults."""
         sid = spec.session_id
         await self.model.ready()
+        self._noted.discard(sid)
         record = self.store.get_session(sid)
         t = _Turn(spec, (record.last_turn if record else 0) + 1, emit, self.counter(spec.model))
         user = {"role": "user", "content": spec.user_content}
         user_item = await self._item(user, None, t.count)
         self._append(t, "user", {"content": spec.user_content}, user_item)
+        if spec.attachments:
+            attached = upload_note(spec.attachments, attached=True)
+            told = {"role": "user", "content": service_note(attached["for_model"])}
+            self._append(t, "note", attached, await self._item(told, None, t.count))
+            t.say(t.renderer.note(attached["text"]))
         usage: dict[str, int] = {}
         final: TurnEvent | None = None
         try:
@@ -270,6 +322,7 @@ class Agent:
                     for key, value in reply.usage.items():
                         usage[key] = usage.get(key, 0) + value
                     if not reply.tool_calls or kernel is None:
+                        await self._report_files(t)
                         final = Finished(reply.finish_reason or "stop", usage)
                         return
                     for call in reply.tool_calls:
@@ -280,6 +333,7 @@ class Agent:
                             await self._run_tool(t, call, kernel)
                     if spec.stop.is_set():
                         await self._stopped(t)
+                        await self._report_files(t)
                         final = Finished("stop", usage)
                         return
             closing = (
@@ -289,6 +343,7 @@ class Agent:
             closing_item = await self._item(assistant_message(closing, []), None, t.count)
             self._append(t, "assistant", {"content": closing, "notice": True}, closing_item)
             t.say(t.renderer.text(f"\n\n{closing}"))
+            await self._report_files(t)
             final = Finished("stop", usage)
         except ServiceError as exc:
             self.store.append(sid, t.turn, "error", {"message": exc.message, "code": exc.code})
@@ -397,7 +452,7 @@ class Agent:
     def _keep_history(self, t: _Turn) -> None:
         """Add the finished turn to the kept history, dropping what no longer fits."""
         cached = self._histories.get(t.sid)
-        if cached is None or cached.last_turn != t.turn - 1:
+        if cached is None or cached.last_turn != t.turn - 1 or t.sid in self._noted:
             self.forget(t.sid)
             return
         turns = [TurnItems(t.turn, list(t.current)), *cached.history.turns]
@@ -491,6 +546,8 @@ class Agent:
             event_id = await self._record_tool(t, call, {}, outcome)
             t.say(t.renderer.tool_end(call.name, {}, outcome, event_id))
             return
+        if call.name in _WRITING_TOOLS and t.files_before is None:
+            t.files_before = await self._file_state(t.sid) or {}
         started = {"call_id": call.id, "name": call.name, "arguments": arguments}
         started_id = self.store.append(t.sid, t.turn, "tool_started", started)
         t.say(t.renderer.tool_start(call.name, arguments))
@@ -534,6 +591,44 @@ class Agent:
         t.say(t.renderer.tool_end(call.name, arguments, outcome, event_id))
         if (call.name == "execute_code" and not outcome.is_error) or _restarted(call.name, outcome):
             await self._remember_kernel(t.sid, kernel, refresh=_restarted(call.name, outcome))
+
+    async def _file_state(self, sid: str) -> dict[str, tuple[int, str]] | None:
+        """The session folder's visible files (path: size, modified); None if unknown."""
+        if self.files is None:
+            return None
+        try:
+            listing = await self.files.listing(sid)
+        except ServiceError as exc:
+            logger.warning("session %s: files not listed: %s", sid, exc.message)
+            return None
+        return {f.path: (f.size, f.modified) for f in listing.files if _shown(f)}
+
+    async def _report_files(self, t: _Turn) -> None:
+        """List the files this turn's code wrote at the end of its reply, with links."""
+        if t.files_before is None or t.spec.file_url is None:
+            return
+        after = await self._file_state(t.sid)
+        if after is None:
+            return
+        written: list[dict[str, Any]] = [
+            {"path": path, "size": size, "modified": modified}
+            for path, (size, modified) in sorted(after.items())
+            if t.files_before.get(path) != (size, modified)
+        ]
+        if not written:
+            return
+        lines = "\n".join(
+            f"- [{_link_text(f['path'])}]({t.spec.file_url(f['path'])}) ({_size(f['size'])})"
+            for f in written
+        )
+        text = f"**Files written in this turn:**\n{lines}\n"
+        self.store.append(
+            t.sid,
+            t.turn,
+            "files",
+            {"kind": "written", "files": written, "text": text},
+        )
+        t.say(t.renderer.text(f"\n\n{text}" if t.sent else text))
 
     async def execute_direct(
         self, sid: str, code: str, timeout: float | None, stop: asyncio.Event | None = None

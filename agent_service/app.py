@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import Settings
 from .errors import ServiceError
 from .middleware import BodyLimit, HostOriginGuard
-from .routes import admin, chat, sessions
+from .routes import admin, chat, files, sessions
 from .routes.chat import error_response, invalid_request
 from .services import Services
 
@@ -42,11 +42,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await services.close()
 
     app = FastAPI(title="kernel-agent", version="0.1.0", lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes
+    )
     app.add_middleware(HostOriginGuard, settings=settings)
     _error_handlers(app)
     app.include_router(chat.router)
     app.include_router(sessions.router)
+    app.include_router(files.router)
     app.include_router(admin.router)
     if settings.ui:
         _mount_ui(app, settings)

@@ -72,6 +72,18 @@ class Settings(BaseSettings):
     data_dir: Path = _REPO_ROOT / "data"
     notebooks_dir: Path = _REPO_ROOT / "notebooks"
 
+    max_upload_bytes: int = Field(
+        default=100 * 1024**2,
+        ge=1024,
+        description="Largest upload (POST /v1/sessions/{id}/files, all its files): 413 beyond.",
+    )
+    mcp_files_url: str | None = Field(
+        default=None,
+        description="kernel_mcp's file routes; default: AGENT_MCP_URL without its /mcp.",
+    )
+    file_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds one read or write of a file transfer may wait."
+    )
     max_tool_rounds: int = Field(default=10, ge=1, le=100)
     max_request_bytes: int = Field(default=2_000_000, ge=1024)
     max_request_messages: int = Field(default=10_000, ge=1)

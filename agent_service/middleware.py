@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .config import Settings
 from .errors import RequestTooLarge, ServiceError
 
+_UPLOAD_PATH = re.compile(r"/v1/sessions/[^/]+/files/?")
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 _LOOPBACK_ORIGIN = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?")
 
@@ -35,18 +36,40 @@ class BodyLimit:
     while it reads into a 400).
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.upload_limit = upload_limit or limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        too_large = RequestTooLarge(f"request body exceeds {self.limit:,} bytes")
+        upload = scope.get("method") == "POST" and _UPLOAD_PATH.fullmatch(scope.get("path", ""))
+        limit = self.upload_limit if upload else self.limit
+        what = "upload" if upload else "request body"
+        too_large = RequestTooLarge(
+            f"{what} exceeds {limit:,} bytes"
+            + (" (AGENT_MAX_UPLOAD_BYTES)" if upload else " (AGENT_MAX_REQUEST_BYTES)")
+        )
         length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
+        if length is not None and length.isdigit() and int(length) > limit:
             await send_error(send, too_large)
+            return
+        if upload:
+            # Streamed to the route, never buffered here: counted, and cut off past the limit
+            # by an error the route's form parsing lets through (the app answers 413).
+            received = 0
+
+            async def counted() -> Message:
+                nonlocal received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large
+                return message
+
+            await self.app(scope, counted, send)
             return
         chunks: list[bytes] = []
         received = 0

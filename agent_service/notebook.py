@@ -231,6 +231,20 @@ def _tool_cell(event: Event) -> Cell:
     return cell
 
 
+def _files_cell(data: dict[str, Any]) -> Cell:
+    """The files a turn wrote: paths and sizes (links in replies expire; paths do not)."""
+    lines = [
+        f"- `{f.get('path', '')}` ({int(f.get('size', 0)):,} bytes)" for f in data.get("files", [])
+    ]
+    cell = new_markdown_cell(
+        "**Files written in this turn** (in the session folder):\n\n" + "\n".join(lines)
+    )
+    cell["metadata"]["kernel_agent"] = {
+        "files_written": [f.get("path") for f in data.get("files", [])]
+    }
+    return cell
+
+
 def build_notebook(record: SessionRecord, events: list[Event]) -> NotebookNode:
     """The session's notebook (nbformat v4)."""
     cells: list[Cell] = []
@@ -256,6 +270,8 @@ def build_notebook(record: SessionRecord, events: list[Event]) -> NotebookNode:
                 cells.append(_tool_cell(event))
         elif event.type == "error":
             cells.append(new_markdown_cell(f"> **Error:** {data.get('message', '')}"))
+        elif event.type == "files":
+            cells.append(_files_cell(data))
     # Ids from the transcript's event ids: the same transcript always gives the same file.
     for position, cell in enumerate(cells):
         cell["id"] = f"cell-{position}"

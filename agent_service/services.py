@@ -9,6 +9,7 @@ import time
 from .agent import Agent
 from .config import Settings
 from .exporter import NotebookExporter
+from .files import KernelFiles
 from .kernel_client import KernelClient
 from .llm import ModelAdapter
 from .prompt_cache import PromptCache
@@ -27,13 +28,14 @@ class Services:
         self.settings = settings
         self.store: TranscriptStore = SqliteStore(settings.data_dir / "transcripts.sqlite3")
         self.kernels = KernelClient(settings)
+        self.files = KernelFiles(settings)
         self.prompts = PromptCache(
             self.kernels.system_prompt, settings.prompt_ttl, settings.fallback_prompt
         )
         self.model = ModelAdapter(settings)
         self.exporter = NotebookExporter(self.store, settings.notebooks_dir)
         self.agent = Agent(
-            settings, self.store, self.kernels, self.prompts, self.model, self.exporter
+            settings, self.store, self.kernels, self.prompts, self.model, self.exporter, self.files
         )
         self.turns = TurnRegistry()
         self.auth = Authenticator(settings)
@@ -69,6 +71,7 @@ class Services:
         await self.turns.close(grace)
         await self.exporter.flush()
         await self.kernels.aclose()  # the kept MCP connections
+        await self.files.aclose()
         if self._warm_task is not None and not self._warm_task.done():
             self._warm_task.cancel()
         self.store.close()

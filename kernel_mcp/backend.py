@@ -150,6 +150,10 @@ class KernelBackend(abc.ABC):
     async def close(self) -> None:
         """Release what `start` prepared."""
 
+    def kernel_path(self, folder: Path) -> str:
+        """A session `folder` as its kernels see it (their working folder)."""
+        return str(folder)
+
     def claim_folder(self, kernel: KernelConnection, folder: Path) -> Path:
         """A session claimed pooled `kernel`: give it `folder` as its working folder.
 

@@ -188,6 +188,14 @@ class Settings(BaseSettings):
     )
     file_read_bytes: int = Field(default=1_000_000, ge=1)
     file_write_bytes: int = Field(default=10_000_000, ge=1)
+    upload_max_bytes: int = Field(
+        default=100 * 1024**2,
+        ge=1,
+        description="Largest file PUT to /sessions/{id}/files/{path} (the HTTP file routes).",
+    )
+    list_max_entries: int = Field(
+        default=10_000, ge=1, description="Entries of one GET /sessions/{id}/files listing."
+    )
     allowed_origins: list[str] = Field(
         default_factory=list, description="Browser origins trusted besides loopback."
     )

@@ -11,7 +11,8 @@ with status ``"error"``. These are faults of the infrastructure::
     ├── SessionNotFound (KeyError) no such session
     ├── InvalidSessionId (ValueError)
     └── FileAccessError           a path outside the session folder, too large, missing
-        └── FileTooLarge
+        ├── FileTooLarge
+        └── FileMissing           the path does not exist
 """
 
 from __future__ import annotations
@@ -54,3 +55,7 @@ class FileAccessError(KernelError):
 
 class FileTooLarge(FileAccessError):
     """A file exceeds the configured size bound."""
+
+
+class FileMissing(FileAccessError):
+    """The path does not exist in the session folder."""

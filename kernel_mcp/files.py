@@ -10,6 +10,7 @@ before any of that. Reads and writes are bounded in size.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import os
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import FileAccessError, FileTooLarge
+from .errors import FileAccessError, FileMissing, FileTooLarge
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO the kernel put in place of a file must not hang the server.
@@ -138,6 +139,115 @@ class SessionFiles:
                 raise
         return len(data)
 
+    def walk(self, limit: int = 10_000) -> tuple[builtins.list[dict[str, Any]], bool]:
+        """Every file below the root (and every symlink, not followed), depth first.
+
+        Returns the entries (path, type, size, modified) sorted by path, and whether the
+        listing stopped at `limit` entries.
+        """
+        entries: builtins.list[dict[str, Any]] = []
+        with self._folder(".", ()) as root:
+            truncated = self._walk(os.dup(root), (), entries, limit)
+        entries.sort(key=lambda e: e["path"])
+        return entries, truncated
+
+    def _walk(
+        self, fd: int, parts: tuple[str, ...], entries: builtins.list[dict[str, Any]], limit: int
+    ) -> bool:
+        """Add the entries of folder `fd` (closed here); True when `limit` was reached."""
+        try:
+            with os.scandir(fd) as scan:
+                found = sorted(scan, key=lambda e: e.name)
+            for entry in found:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                if stat.S_ISDIR(info.st_mode):
+                    try:
+                        child = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+                    except OSError:  # replaced by a link meanwhile, or unreadable
+                        continue
+                    if self._walk(child, (*parts, entry.name), entries, limit):
+                        return True
+                    continue
+                kind = "symlink" if stat.S_ISLNK(info.st_mode) else "file"
+                if kind == "file" and not stat.S_ISREG(info.st_mode):
+                    continue  # FIFOs, sockets, devices: nothing to download
+                if len(entries) >= limit:
+                    return True
+                entries.append(
+                    {
+                        "path": "/".join((*parts, entry.name)),
+                        "type": kind,
+                        "size": info.st_size,
+                        "modified": datetime.fromtimestamp(info.st_mtime, UTC).isoformat(),
+                    }
+                )
+            return False
+        finally:
+            os.close(fd)
+
+    def open_file(self, path: str) -> tuple[int, os.stat_result]:
+        """A descriptor of the regular file `path` (the caller closes it), and its stat."""
+        parts = self.parts(path)
+        if not parts:
+            raise FileAccessError(f"{path!r} is a folder; list_files shows what exists")
+        with self._folder(path, parts[:-1]) as folder:
+            try:
+                fd = os.open(parts[-1], _READ_FLAGS, dir_fd=folder)
+            except OSError as exc:
+                raise self._refusal(path, exc) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+                raise FileAccessError(f"{path!r} is {kind}; list_files shows what exists")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, info
+
+    def remove(self, path: str) -> str:
+        """Delete the file, symlink (not what it points to) or folder `path`; returns its kind."""
+        parts = self.parts(path)
+        if not parts:
+            raise FileAccessError("the session folder itself cannot be deleted")
+        with self._folder(path, parts[:-1]) as folder:
+            name = parts[-1]
+            try:
+                info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+            except OSError as exc:
+                raise self._refusal(path, exc) from None
+            if stat.S_ISDIR(info.st_mode):
+                # rmtree on a descriptor walks with O_NOFOLLOW: links inside are removed,
+                # never followed.
+                shutil.rmtree(name, dir_fd=folder)
+                return "folder"
+            try:
+                os.unlink(name, dir_fd=folder)
+            except OSError as exc:
+                raise self._refusal(path, exc) from None
+        return "symlink" if stat.S_ISLNK(info.st_mode) else "file"
+
+    def place(self, staging: int, staged: str, path: str) -> None:
+        """Move the file `staged` of folder `staging` to `path` (folders made as needed).
+
+        An existing file of that name is replaced (a symlink there: the link itself); a
+        folder there is refused. Both folders must be on one file system.
+        """
+        parts = self.parts(path)
+        if not parts:
+            raise FileAccessError(f"{path!r} is a folder")
+        with self._folder(path, parts[:-1], create=True) as folder:
+            try:
+                os.rename(staged, parts[-1], src_dir_fd=staging, dst_dir_fd=folder)
+            except IsADirectoryError:
+                raise FileAccessError(f"{path!r} is a folder") from None
+            except OSError as exc:
+                raise self._refusal(path, exc) from None
+
     @contextlib.contextmanager
     def _folder(self, path: str, parts: tuple[str, ...], *, create: bool = False) -> Iterator[int]:
         """A descriptor of the folder `parts` below the root, walked without following links."""
@@ -151,7 +261,7 @@ class SessionFiles:
                     child = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
-                        raise FileAccessError(f"{path!r} does not exist") from None
+                        raise FileMissing(f"{path!r} does not exist") from None
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(part, 0o755, dir_fd=fd)
                     try:
@@ -178,10 +288,12 @@ class SessionFiles:
                 f"{path!r} goes through a symlink; symlinks may leave the session folder "
                 "and are not followed"
             )
+        if exc.errno == errno.ENAMETOOLONG:
+            return FileAccessError(f"a name in {path[:80]!r}... is too long for the file system")
         if exc.errno == errno.ENOTDIR:
             return FileAccessError(f"{path!r}: a part of it is a file, not a folder")
         if exc.errno == errno.ENOENT:
-            return FileAccessError(f"{path!r} does not exist; list_files shows what exists")
+            return FileMissing(f"{path!r} does not exist; list_files shows what exists")
         return FileAccessError(f"{path!r}: {exc.strerror}")
 
     def _too_large(self, path: str, size: int) -> FileTooLarge:

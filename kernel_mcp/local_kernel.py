@@ -519,6 +519,10 @@ class LocalBackend(KernelBackend):
             env = sandbox.kernel_env(env)
         return env
 
+    def kernel_path(self, folder: Path) -> str:
+        """Sandboxed kernels see their session folder at /home/session."""
+        return sandbox.SESSION_FOLDER if self._settings.sandbox == "bwrap" else str(folder)
+
     def claim_folder(self, kernel: KernelConnection, folder: Path) -> Path:
         """Give a pooled kernel its session's folder; returns the path the kernel sees."""
         slot = self._slots.pop(kernel.kernel_id, None)

@@ -32,6 +32,7 @@ from . import sandbox
 from .backend import KernelInfo, Message
 from .config import Settings
 from .errors import CapacityError, FileAccessError, KernelError, SessionNotFound
+from .file_routes import add_file_routes
 from .files import SessionFiles
 from .prompt import system_prompt
 from .rendering import strip_ansi
@@ -508,4 +509,5 @@ def create_server(settings: Settings | None = None) -> FastMCP:
     async def list_skills(request: Request) -> JSONResponse:
         return JSONResponse(skills.index())
 
+    add_file_routes(mcp, manager, settings)
     return mcp

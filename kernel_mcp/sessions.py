@@ -189,6 +189,14 @@ class SessionManager:
             self._sessions[session_id] = session
         return session
 
+    def folder(self, session_id: str) -> Path:
+        """The session's folder (which may not exist yet); InvalidSessionId if it cannot."""
+        return self.settings.workspace / validate_session_id(session_id)
+
+    def kernel_folder(self, session_id: str) -> str:
+        """The session's folder as its kernel sees it (its working folder)."""
+        return self._backend.kernel_path(self.folder(session_id))
+
     def existing(self, session_id: str) -> KernelSession:
         session = self._sessions.get(session_id)
         if session is None:

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter, ValidationError
 from sse_starlette import EventSourceResponse
 
+from .. import files
 from ..agent import Content, Failed, Finished, TurnEvent, TurnSpec
 from ..conversation import history_digest, is_task, session_from
 from ..deps import Caller, Svc
@@ -170,7 +171,12 @@ async def chat(request: Request, svc: Svc, caller: Caller) -> Response:
         raise InvalidRequest("the last message must be from the user", param="messages")
     if is_task(body):
         return await _answer_task(svc, body, model, params)
-    content = body.messages[-1].text().strip()
+    last = body.messages[-1]
+    parts = last.content if isinstance(last.content, list) else []
+    attached = await asyncio.to_thread(files.attachments, parts) if parts else []
+    content = last.text().strip()
+    if not content and attached:
+        content = "(attached: " + ", ".join(name for name, _ in attached) + ")"
     if not content:
         raise InvalidRequest("the last user message is empty", param="messages")
     if len(content) > settings.max_message_chars:
@@ -196,11 +202,14 @@ async def chat(request: Request, svc: Svc, caller: Caller) -> Response:
         image_url=lambda name: svc.output_url(base, sid, name),
         model=model,
         params=params,
+        file_url=lambda path: files.file_link(svc, base, sid, path),
     )
 
     async def run(emit: Any) -> None:
         # The session is the turn's from here on: a concurrent request gets 409.
         await asyncio.to_thread(_record_request, svc.store, sid, body, caller)
+        if attached:
+            spec.attachments = await files.save_files(svc, sid, attached, tell_model=False)
         await svc.agent.run_turn(spec, emit)
 
     queue = svc.turns.start(sid, run, stop=spec.stop)
