@@ -269,6 +269,8 @@ def _record_request(
         record = store.get_session(sid)
     else:
         caller.visible(record, sid)
+        if not record.title:  # made by an upload: named by its first message
+            store.update_session(sid, title=session_title(body.messages[-1].text()))
     if system and record is not None and system != record.client_system:
         store.update_session(sid, client_system=system)
 

@@ -95,6 +95,7 @@ async def execute(
     if record is None:
         svc.store.create_session(session_id, svc.settings.model_alias, caller.owner)
         caller.visible(svc.store.get_session(session_id), session_id)
+    if record is None or not record.title:  # new, or made by an upload
         title = session_title(body.code, markdown=False) or "(code)"
         svc.store.update_session(session_id, title=title)
     done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
