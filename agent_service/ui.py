@@ -22,6 +22,7 @@ import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import gradio as gr
 import httpx
@@ -87,6 +88,24 @@ class _Api:
             response = await client.request(method, path, **kwargs)
         _check(response)
         return response
+
+    async def download(self, path: str, target: Path) -> None:
+        """GET `path` into the file `target`, streamed (session files may be large)."""
+        async with self._client(long=True) as client, client.stream("GET", path) as response:
+            if not response.is_success:
+                await response.aread()
+                _check(response)
+            with target.open("wb") as out:
+                async for chunk in response.aiter_bytes(1024 * 1024):
+                    await asyncio.to_thread(out.write, chunk)
+
+    async def upload(self, sid: str, paths: list[Path]) -> list[dict[str, Any]]:
+        """POST files into the session folder; the saved files as the service lists them."""
+        with contextlib.ExitStack() as stack:
+            parts = [("files", (p.name, stack.enter_context(p.open("rb")))) for p in paths]
+            response = await self.call("POST", f"/v1/sessions/{sid}/files", files=parts, long=True)
+        saved: list[dict[str, Any]] = response.json().get("data", [])
+        return saved
 
     async def chat(self, sid: str, model: str, message: str) -> AsyncIterator[str]:
         """The content deltas of one streamed turn."""
@@ -226,6 +245,12 @@ def _history(events: list[dict[str, Any]]) -> list[dict[str, str]]:
             add("assistant", f"> **Note:** {html.escape(str(event.get('text')), quote=False)}")
         elif kind == "error":
             add("assistant", f"**Error:** {html.escape(str(event.get('message')), quote=False)}")
+        elif kind == "files" and event.get("files"):
+            # Names, not the reply's links: those may have expired; the panel lists them.
+            names = ", ".join(
+                f"`{f.get('path')}` ({_size(int(f.get('size') or 0))})" for f in event["files"]
+            )
+            add("assistant", f"**Files written in this turn:** {names}, in the Files panel.")
     return messages
 
 
@@ -432,23 +457,109 @@ class _Handlers:
         return _attach_md(info)
 
     async def refresh(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
-        """The session list and the notebook download, after anything that changed them."""
+        """The session list, the notebook download and the session's files, after anything
+        that changed them."""
         api = self.api(request, key)
-        try:
-            sessions = (await api.call("GET", "/v1/sessions")).json()
-        except _ApiError:
-            sessions = None
-        nothing = gr.DownloadButton(value=None, interactive=False)
-        if not sid:
-            return _session_choices(sessions, sid), nothing
-        try:
-            response = await api.call("GET", f"/v1/sessions/{sid}/notebook")
-        except _ApiError:  # not recorded yet
-            return _session_choices(sessions, sid), nothing
+
+        async def get(path: str) -> httpx.Response | None:
+            try:
+                return await api.call("GET", path)
+            except _ApiError:  # no such session (yet), or the service is away
+                return None
+
+        sessions, notebook, listed = await asyncio.gather(
+            get("/v1/sessions"),
+            get(f"/v1/sessions/{sid}/notebook") if sid else asyncio.sleep(0),
+            get(f"/v1/sessions/{sid}/files") if sid else asyncio.sleep(0),
+        )
+        choices = _session_choices(sessions.json() if sessions else None, sid)
+        files = _file_choices(listed.json().get("data", []) if listed else [])
+        if notebook is None:
+            return choices, gr.DownloadButton(value=None, interactive=False), *files
         path = self.downloads / sid / f"{sid}.ipynb"  # the name the browser saves it as
         path.parent.mkdir(exist_ok=True)
-        await asyncio.to_thread(path.write_bytes, response.content)
-        return _session_choices(sessions, sid), gr.DownloadButton(value=str(path), interactive=True)
+        await asyncio.to_thread(path.write_bytes, notebook.content)
+        return choices, gr.DownloadButton(value=str(path), interactive=True), *files
+
+    async def upload(
+        self, paths: list[str] | None, sid: str, key: str, request: gr.Request
+    ) -> tuple[Any, ...]:
+        """Files picked or dropped on the chat, into the session folder (made if new)."""
+        if not paths:
+            return gr.skip(), sid, gr.skip()
+        sid = sid or uuid.uuid4().hex
+        try:
+            saved = await self.api(request, key).upload(sid, [Path(p) for p in paths])
+        except _ApiError as exc:
+            return None, sid, f"**Error:** {exc}"
+        names = ", ".join(f"`{f['path']}`" for f in saved)
+        return None, sid, f"Added {names}: the agent hears of it with your next message."
+
+    async def pick_file(
+        self, path: str | None, sid: str, key: str, request: gr.Request
+    ) -> tuple[Any, ...]:
+        """A file chosen in the list: fetched, ready to download or delete."""
+        if not path or not sid:
+            return *_file_actions(None), gr.skip()
+        target = self.downloads / sid / "files" / uuid.uuid4().hex / Path(path).name
+        target.parent.mkdir(parents=True)
+        try:
+            await self.api(request, key).download(
+                f"/v1/sessions/{sid}/files/{quote(path, safe='/')}", target
+            )
+        except _ApiError as exc:
+            return *_file_actions(None), f"**Error:** {exc}"
+        return *_file_actions(str(target)), ""
+
+    async def delete_file(self, path: str | None, sid: str, key: str, request: gr.Request) -> str:
+        if not path or not sid:
+            return ""
+        try:
+            await self.api(request, key).call(
+                "DELETE", f"/v1/sessions/{sid}/files/{quote(path, safe='/')}"
+            )
+        except _ApiError as exc:
+            return f"**Error:** {exc}"
+        return f"Deleted `{path}`."
+
+
+def _size(size: int) -> str:
+    if size < 1024:
+        return f"{size:,} bytes"
+    value = float(size)
+    for unit in ("KB", "MB", "GB"):
+        value /= 1024
+        if value < 1024 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _file_actions(downloaded: str | None) -> tuple[Any, Any]:
+    """The Download and Delete buttons of the chosen file (none chosen: both off)."""
+    return (
+        gr.DownloadButton(value=downloaded, interactive=downloaded is not None),
+        gr.Button(interactive=downloaded is not None),
+    )
+
+
+NO_FILES = "No files yet: drop files on the chat or pick them here."
+
+
+def _file_choices(files: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """The Files panel: its list (nothing chosen), a line about it, and its buttons.
+
+    Hidden files and folders (caches libraries keep in their home, the session folder)
+    are left out.
+    """
+    shown = [
+        f
+        for f in files
+        if f.get("type", "file") == "file"
+        and not any(part.startswith(".") for part in str(f["path"]).split("/"))
+    ]
+    choices = [(f"{f['path']} · {_size(int(f.get('size') or 0))}", f["path"]) for f in shown]
+    hint = "" if shown else NO_FILES
+    return gr.Radio(choices=choices, value=None), hint, *_file_actions(None)
 
 
 def _session_choices(sessions: Any, current: str | None) -> Any:
@@ -477,6 +588,31 @@ CSS = """
   border-radius: 50%; animation: kernel-agent-spin 0.9s linear infinite;
 }
 @keyframes kernel-agent-spin { to { transform: rotate(360deg); } }
+#chat.dropping { outline: 2px dashed var(--color-accent); outline-offset: -6px; }
+"""
+# Files dropped on the chat go to the Files panel's upload field, as if picked there.
+JS = """
+() => {
+  const chat = () => document.getElementById("chat");
+  const carriesFiles = (e) => [...(e.dataTransfer?.types || [])].includes("Files");
+  document.addEventListener("dragover", (e) => {
+    if (!carriesFiles(e) || !chat()?.contains(e.target)) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = "copy";
+    chat().classList.add("dropping");
+  });
+  document.addEventListener("dragleave", (e) => {
+    if (!chat()?.contains(e.relatedTarget)) chat()?.classList.remove("dropping");
+  });
+  document.addEventListener("drop", (e) => {
+    chat()?.classList.remove("dropping");
+    const input = document.querySelector("#upload input[type=file]");
+    if (!chat()?.contains(e.target) || !e.dataTransfer?.files.length || !input) return;
+    e.preventDefault();
+    input.files = e.dataTransfer.files;
+    input.dispatchEvent(new Event("change", { bubbles: true }));
+  });
+}
 """
 
 
@@ -510,6 +646,22 @@ def build_ui(settings: Settings) -> gr.Blocks:
                 download = gr.DownloadButton(
                     "Download notebook", size="sm", interactive=False, elem_id="download"
                 )
+                with gr.Accordion("Files", open=True, elem_id="files"):
+                    upload = gr.File(
+                        label="Add files (or drop them on the chat)",
+                        file_count="multiple",
+                        height=140,
+                        elem_id="upload",
+                    )
+                    files_hint = gr.Markdown(NO_FILES, elem_id="files-hint")
+                    file_list = gr.Radio(choices=[], show_label=False, elem_id="file-list")
+                    with gr.Row():
+                        file_download = gr.DownloadButton(
+                            "Download", size="sm", interactive=False, elem_id="file-download"
+                        )
+                        file_delete = gr.Button(
+                            "Delete file", size="sm", interactive=False, elem_id="file-delete"
+                        )
                 with gr.Accordion("Attach JupyterLab", open=False):
                     attach = gr.Button("Show this session's kernel", size="sm", elem_id="attach")
                     attach_info = gr.Markdown(elem_id="attach-info")
@@ -549,7 +701,13 @@ def build_ui(settings: Settings) -> gr.Blocks:
                     code_output = gr.Markdown(elem_id="code-output")
 
         quick: dict[str, Any] = {"concurrency_limit": None, "show_progress": "hidden"}
-        after = {"fn": h.refresh, "inputs": [sid, key], "outputs": [sessions, download], **quick}
+        panel = [file_list, files_hint, file_download, file_delete]
+        after = {
+            "fn": h.refresh,
+            "inputs": [sid, key],
+            "outputs": [sessions, download, *panel],
+            **quick,
+        }
         overview = [key, about, model, sessions, skills, status, settings_panel]
         turn_state = [running, send, stop]
         page.load(h.refresh_all, [saved_key], overview, **quick)
@@ -597,6 +755,11 @@ def build_ui(settings: Settings) -> gr.Blocks:
             h.delete_session, [sid, key], [sid, chat, status, attach_info, confirm], **quick
         ).then(**after)
         attach.click(h.attach, [sid, key], [attach_info], **quick)
+        upload.upload(h.upload, [upload, sid, key], [upload, sid, status], **quick).then(**after)
+        file_list.input(
+            h.pick_file, [file_list, sid, key], [file_download, file_delete, status], **quick
+        )
+        file_delete.click(h.delete_file, [file_list, sid, key], [status], **quick).then(**after)
     weakref.finalize(page, shutil.rmtree, h.downloads, True)
     return page
 
@@ -612,6 +775,7 @@ def mount_ui(app: FastAPI, settings: Settings) -> None:
         ssr_mode=False,
         mcp_server=False,
         css=CSS,
+        js=JS,
         show_error=False,
     )
     logger.info("web UI at %s", MOUNT_PATH)

@@ -130,3 +130,70 @@ async def test_enter_sends_and_shift_enter_starts_a_new_line(stack: Stack, open_
     await ui.check("the box is emptied", expect(box).to_have_value("", timeout=TIMEOUT_MS))
     sent = stack.llm.requests[0]["messages"][-1]
     assert sent == {"role": "user", "content": "first line\nsecond line"}
+
+
+WRITE_CSV = (
+    "import pandas as pd\ndf = pd.read_csv('sales.csv')\ndf['double'] = df.revenue * 2\n"
+    "df.to_csv('doubled.csv', index=False)\nprint(df.revenue.sum())"
+)
+# What a browser does when files are dropped on the chat (Playwright drags no files itself).
+DROP = """([name, text]) => {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([text], name, { type: "text/plain" }));
+    const chat = document.querySelector("#chat");
+    for (const type of ["dragenter", "dragover", "drop"]) {
+        chat.dispatchEvent(new DragEvent(type, { dataTransfer: transfer, bubbles: true }));
+    }
+}"""
+
+
+async def test_files_upload_download_and_delete(stack: Stack, open_ui, tmp_path) -> None:
+    data = tmp_path / "sales.csv"
+    data.write_text("month,revenue\n1,10\n2,30\n")
+    ui = await open_ui(stack)
+    await ui.see("#files-hint", "No files yet")
+    # picked: the session starts with the upload
+    await ui.page.locator("#upload input[type=file]").set_input_files(data)
+    await ui.see("#status", "Added sales.csv")
+    await ui.see("#file-list", "sales.csv · 24 bytes")
+    # the agent reads it and writes a file of its own
+    stack.llm.script(ToolCall("execute_code", {"code": WRITE_CSV}), Text("Wrote doubled.csv."))
+    await ui.send("double the revenue")
+    await ui.see("#chat", "Wrote doubled.csv.")
+    await ui.see("#chat", "40")
+    await ui.idle()
+    await ui.see("#chat", "Files written in this turn: doubled.csv")
+    await ui.see("#file-list", "doubled.csv")
+    told = stack.llm.requests[0]["messages"]
+    assert any("sales.csv" in str(m.get("content")) for m in told[:-1]), told
+    await ui.check(
+        "the session is named by its first message",
+        expect(ui.page.locator("#sessions input")).to_have_value(
+            re.compile(r"^double the revenue · \w{8}$"), timeout=TIMEOUT_MS
+        ),
+    )
+    # download what the agent wrote
+    await ui.page.locator("#file-list label", has_text="doubled.csv").click()
+    button = ui.page.locator("#file-download")
+    await ui.check("the file is ready", expect(button).to_be_enabled(timeout=TIMEOUT_MS))
+    async with ui.page.expect_download(timeout=TIMEOUT_MS) as info:
+        await button.click()
+    download = await info.value
+    assert download.suggested_filename == "doubled.csv"
+    saved = tmp_path / "downloaded.csv"
+    await download.save_as(saved)
+    assert saved.read_text().splitlines() == ["month,revenue,double", "1,10,20", "2,30,60"]
+    # dropped on the chat, then deleted
+    await ui.page.evaluate(DROP, ["notes.txt", "dropped on the chat"])
+    await ui.see("#status", "Added notes.txt")
+    await ui.see("#file-list", "notes.txt")
+    await ui.page.locator("#file-list label", has_text="notes.txt").click()
+    delete = ui.page.locator("#file-delete")
+    await ui.check("the file can be deleted", expect(delete).to_be_enabled(timeout=TIMEOUT_MS))
+    await delete.click()
+    await ui.see("#status", "Deleted notes.txt")
+    await ui.check(
+        "the file is gone",
+        expect(ui.page.locator("#file-list")).not_to_contain_text("notes.txt", timeout=TIMEOUT_MS),
+    )
+    await ui.see("#file-list", "sales.csv")
