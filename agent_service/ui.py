@@ -1,20 +1,14 @@
 """The web page at /ui: a Gradio chat that uses only this service's public HTTP API.
 
-Every action is an HTTP call to the service, so the page shows exactly what any client gets.
-Calls go to the socket the browser's request arrived on (never to a host a request names) with
-the browser's Host header, so the image links the service writes are ones the browser can open.
-Only this module imports gradio (the optional extra `ui`).
+Every action is an HTTP call to the service (`ui_api`), so the page shows exactly what any
+client gets; `ui_markdown` turns the service's records into the chat's markdown. Only this
+module imports gradio (the optional extra `ui`).
 """
 
 # No `from __future__ import annotations`: gradio reads the handlers' `gr.Request` annotations.
 
 import asyncio
-import base64
-import contextlib
-import html
-import json
 import logging
-import re
 import shutil
 import tempfile
 import uuid
@@ -29,248 +23,12 @@ import httpx
 from fastapi import FastAPI
 
 from .config import Settings
+from .ui_api import ApiError, ServiceApi
+from .ui_markdown import attach_md, chat_messages, result_md, size_text
 
 logger = logging.getLogger(__name__)
 
 MOUNT_PATH = "/ui"
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-_SERVICE_IMAGE = re.compile(
-    r"(!\[[^\]]*\]\()(https?://[^)\s]+/v1/sessions/[^)\s]+/outputs/[^)\s]+)\)"
-)
-
-
-class _ApiError(Exception):
-    """A call to the service failed; the message is meant for people (markdown-safe)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        # Messages such as "Bearer <key>" would otherwise be eaten as HTML tags.
-        super().__init__(html.escape(message, quote=False))
-        self.status = status
-
-
-class _Api:
-    """The service's public HTTP API, called on behalf of one browser request."""
-
-    def __init__(self, settings: Settings, request: gr.Request | None, key: str) -> None:
-        raw = getattr(request, "request", None)
-        server = raw.scope.get("server") if raw is not None else None
-        host, port = server or (settings.host, settings.port)
-        host = f"[{host}]" if ":" in str(host) else host
-        self.base = f"http://{host}:{port}"
-        self.headers: dict[str, str] = {}
-        if raw is not None:  # the service then writes links the browser can open
-            self.headers["host"] = raw.headers.get("host", f"{host}:{port}")
-            self.headers["x-forwarded-proto"] = raw.url.scheme
-        self.keyed = bool(key.strip())
-        if self.keyed:
-            self.headers["authorization"] = f"Bearer {key.strip()}"
-        self._long = httpx.Timeout(30.0, read=settings.mcp_timeout)
-
-    @contextlib.asynccontextmanager
-    async def _client(self, long: bool = False) -> AsyncIterator[httpx.AsyncClient]:
-        try:
-            async with httpx.AsyncClient(
-                base_url=self.base,
-                headers=self.headers,
-                timeout=self._long if long else 30.0,
-                trust_env=False,  # never route calls to ourselves through a proxy
-            ) as client:
-                yield client
-        except httpx.TimeoutException as exc:
-            raise _ApiError("The service did not answer in time.") from exc
-        except httpx.HTTPError as exc:
-            raise _ApiError(f"The connection to the service at {self.base} failed: {exc}") from exc
-
-    async def call(
-        self, method: str, path: str, *, long: bool = False, **kwargs: Any
-    ) -> httpx.Response:
-        async with self._client(long) as client:
-            response = await client.request(method, path, **kwargs)
-        _check(response)
-        return response
-
-    async def download(self, path: str, target: Path) -> None:
-        """GET `path` into the file `target`, streamed (session files may be large)."""
-        async with self._client(long=True) as client, client.stream("GET", path) as response:
-            if not response.is_success:
-                await response.aread()
-                _check(response)
-            with target.open("wb") as out:
-                async for chunk in response.aiter_bytes(1024 * 1024):
-                    await asyncio.to_thread(out.write, chunk)
-
-    async def upload(self, sid: str, paths: list[Path]) -> list[dict[str, Any]]:
-        """POST files into the session folder; the saved files as the service lists them."""
-        with contextlib.ExitStack() as stack:
-            parts = [("files", (p.name, stack.enter_context(p.open("rb")))) for p in paths]
-            response = await self.call("POST", f"/v1/sessions/{sid}/files", files=parts, long=True)
-        saved: list[dict[str, Any]] = response.json().get("data", [])
-        return saved
-
-    async def chat(self, sid: str, model: str, message: str) -> AsyncIterator[str]:
-        """The content deltas of one streamed turn."""
-        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": message}]}
-        async with (
-            self._client(long=True) as client,
-            client.stream(
-                "POST", "/v1/chat/completions", json=body, headers={"x-session-id": sid}
-            ) as response,
-        ):
-            if not response.is_success:
-                await response.aread()
-                _check(response)
-            async for line in response.aiter_lines():
-                data = line.removeprefix("data:").strip()
-                if not line.startswith("data:") or not data:
-                    continue
-                if data == "[DONE]":
-                    return
-                try:
-                    chunk = json.loads(data)
-                except ValueError as exc:
-                    raise _ApiError(f"The service sent a malformed event: {data[:80]}") from exc
-                if "error" in chunk:
-                    raise _ApiError(_error_message(chunk, "the turn failed"))
-                for choice in chunk.get("choices", []):
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        yield text
-
-    async def inline_images(self, text: str, cache: dict[str, str]) -> str:
-        """Image links as data URIs: with an API key the browser cannot load them itself."""
-        for url in {m.group(2) for m in _SERVICE_IMAGE.finditer(text)} - cache.keys():
-            response = await self.call("GET", httpx.URL(url).path)
-            mime = response.headers.get("content-type", "image/png")
-            cache[url] = f"data:{mime};base64,{base64.b64encode(response.content).decode()}"
-        return _SERVICE_IMAGE.sub(lambda m: f"{m.group(1)}{cache.get(m.group(2), '')})", text)
-
-
-def _error_message(body: Any, default: str) -> str:
-    error = body.get("error") if isinstance(body, dict) else None
-    return str(error.get("message") or default) if isinstance(error, dict) else default
-
-
-def _check(response: httpx.Response) -> None:
-    """Raise the service's OpenAI-shaped error as a sentence, with its status."""
-    if response.is_success:
-        return
-    try:
-        message = _error_message(response.json(), response.reason_phrase)
-    except ValueError:
-        message = response.text[:300] or response.reason_phrase
-    hint = " Enter an API key under Settings." if response.status_code == 401 else ""
-    raise _ApiError(f"{message} (HTTP {response.status_code}).{hint}", response.status_code)
-
-
-# -- rendering ------------------------------------------------------------------------------
-
-
-def _fenced(text: str, lang: str) -> str:
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
-
-
-def _data_uri(data: dict[str, Any]) -> str | None:
-    """An image output as a data URI: it needs no request (nor API key) of the browser."""
-    for mime in ("image/png", "image/jpeg"):
-        if mime in data:
-            return f"data:{mime};base64,{''.join(str(data[mime]).split())}"
-    return None
-
-
-def _outputs_md(outputs: list[dict[str, Any]]) -> str:
-    """nbformat outputs as markdown: text in a fence, images inline, HTML (tables) as is."""
-    parts: list[str] = []
-    text: list[str] = []
-
-    def flush() -> None:
-        joined = _ANSI.sub("", "".join(text))
-        if joined.strip():
-            parts.append(_fenced(joined, "text"))
-        text.clear()
-
-    for output in outputs:
-        kind, data = output.get("output_type"), output.get("data") or {}
-        if kind == "stream":
-            text.append(str(output.get("text", "")))
-        elif kind == "error":
-            lines = output.get("traceback") or [f"{output.get('ename')}: {output.get('evalue')}"]
-            text.append("\n".join(lines) + "\n")
-        elif image := _data_uri(data):
-            flush()
-            parts.append(f"![output]({image})")
-        elif "text/html" in data:
-            flush()  # blank lines would end markdown's HTML block early
-            parts.append(re.sub(r"\n\s*\n", "\n", str(data["text/html"])).strip())
-        elif "text/plain" in data:
-            text.append(str(data["text/plain"]) + "\n")
-    flush()
-    return "\n\n".join(parts)
-
-
-def _execution_md(event: dict[str, Any]) -> str:
-    """One recorded tool call as the chat showed it: code, then its outputs."""
-    arguments = event.get("arguments") or {}
-    structured = event.get("structured") or {}
-    if event.get("name") != "execute_code":
-        return f"`{event.get('name')}` {json.dumps(arguments, ensure_ascii=False)[:200]}"
-    outputs = structured.get("outputs")
-    shown = _outputs_md(outputs) if outputs else _fenced(event.get("text", ""), "text")
-    notes = f"\n\n*{structured['message']}*" if structured.get("message") else ""
-    return f"{_fenced(str(arguments.get('code', '')), 'python')}\n\n{shown}{notes}"
-
-
-def _history(events: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """A session's recorded events as chat messages."""
-    messages: list[dict[str, str]] = []
-
-    def add(role: str, text: str) -> None:
-        if role == "assistant" and messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n\n" + text
-        elif text.strip():
-            messages.append({"role": role, "content": text})
-
-    for event in events:
-        kind = event.get("type")
-        if kind == "user":
-            add("user", str(event.get("content", "")))
-        elif kind == "assistant" and event.get("content"):
-            add("assistant", str(event["content"]))
-        elif kind == "tool_result" and event.get("direct"):
-            add("user", "*Ran in the kernel:*\n\n" + _execution_md(event))
-        elif kind == "tool_result":
-            add("assistant", _execution_md(event))
-        elif kind == "note":
-            add("assistant", f"> **Note:** {html.escape(str(event.get('text')), quote=False)}")
-        elif kind == "error":
-            add("assistant", f"**Error:** {html.escape(str(event.get('message')), quote=False)}")
-        elif kind == "files" and event.get("files"):
-            # Names, not the reply's links: those may have expired; the panel lists them.
-            names = ", ".join(
-                f"`{f.get('path')}` ({_size(int(f.get('size') or 0))})" for f in event["files"]
-            )
-            add("assistant", f"**Files written in this turn:** {names}, in the Files panel.")
-    return messages
-
-
-def _result_md(result: dict[str, Any]) -> str:
-    """The answer of POST /execute: status, then the outputs."""
-    head = f"*[{result.get('execution_count') or ' '}] {result.get('status')}*"
-    if result.get("message"):
-        head += f" · {result['message']}"
-    outputs = result.get("outputs") or []
-    body = _outputs_md(outputs) if outputs else _fenced(str(result.get("text") or ""), "text")
-    return f"{head}\n\n{body}"
-
-
-def _attach_md(info: dict[str, Any]) -> str:
-    command = info.get("console_command")
-    console = f"\n\nOr a terminal console:\n\n```sh\n.venv/bin/{command}\n```" if command else ""
-    return (
-        f"Kernel `{info.get('kernel_id')}`. In the repository, `make lab` opens JupyterLab "
-        f"with this kernel among its running kernels.{console}"
-    )
 
 
 # -- the page -------------------------------------------------------------------------------
@@ -294,8 +52,8 @@ class _Handlers:
         self.settings = settings
         self.downloads = Path(tempfile.mkdtemp(prefix="kernel-agent-ui-"))
 
-    def api(self, request: gr.Request, key: str | None) -> _Api:
-        return _Api(self.settings, request, key or "")
+    def api(self, request: gr.Request, key: str | None) -> ServiceApi:
+        return ServiceApi(self.settings, request, key or "")
 
     async def refresh_all(self, key: str | None, request: gr.Request) -> tuple[Any, ...]:
         """On load or a new key: the key (to show or save), the service line, models,
@@ -308,7 +66,7 @@ class _Handlers:
         async def get(path: str) -> Any:
             try:
                 return (await api.call("GET", path)).json()
-            except _ApiError as exc:
+            except ApiError as exc:
                 statuses.add(exc.status)
                 if exc.status != 404 and str(exc) not in notes:
                     notes.append(str(exc))
@@ -366,7 +124,7 @@ class _Handlers:
                 shown = await api.inline_images(text, images) if api.keyed else text
                 chat = [*history, {"role": "assistant", "content": shown}]
                 yield "", chat, "", sid, *[gr.skip()] * 3
-        except _ApiError as exc:
+        except ApiError as exc:
             error = f"**Error:** {exc}"
             reply = f"{text}\n\n{error}" if text else error
             chat = [*history, {"role": "assistant", "content": reply}]
@@ -375,10 +133,10 @@ class _Handlers:
         # The turn is saved: show it as recorded, with DataFrames as tables, not text.
         try:
             record = (await api.call("GET", f"/v1/sessions/{sid}")).json()
-        except _ApiError:
+        except ApiError:
             yield gr.skip(), gr.skip(), gr.skip(), sid, *idle  # keep the streamed text
             return
-        yield "", _history(record.get("events", [])), "", sid, *idle
+        yield "", chat_messages(record.get("events", [])), "", sid, *idle
 
     async def stop(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
         """Ask the service to stop the session's running turn; the stream then ends.
@@ -389,7 +147,7 @@ class _Handlers:
             return gr.skip(), gr.skip()
         try:
             await self.api(request, key).call("POST", f"/v1/sessions/{sid}/interrupt")
-        except _ApiError as exc:
+        except ApiError as exc:
             return gr.skip(), f"**Error:** {exc}"
         return gr.Button("Stopping…", interactive=False), gr.skip()
 
@@ -402,9 +160,9 @@ class _Handlers:
             response = await self.api(request, key).call(
                 "POST", f"/v1/sessions/{sid}/execute", json={"code": code}, long=True
             )
-        except _ApiError as exc:
+        except ApiError as exc:
             return f"**Error:** {exc}", f"**Error:** {exc}", sid
-        return _result_md(response.json()), "", sid
+        return result_md(response.json()), "", sid
 
     async def open_session(self, chosen: str, key: str, request: gr.Request) -> tuple[Any, ...]:
         """Show a past session's history and make it the current one."""
@@ -412,10 +170,10 @@ class _Handlers:
             return gr.skip(), gr.skip(), "", "", *_running(False)
         try:
             record = (await self.api(request, key).call("GET", f"/v1/sessions/{chosen}")).json()
-        except _ApiError as exc:
+        except ApiError as exc:
             return gr.skip(), gr.skip(), f"**Error:** {exc}", "", *_running(False)
         busy = "This session is running a turn right now." if record.get("busy") else ""
-        return chosen, _history(record.get("events", [])), busy, "", *_running(False)
+        return chosen, chat_messages(record.get("events", [])), busy, "", *_running(False)
 
     async def new_session(self) -> tuple[Any, ...]:
         """A session exists from its first message or code run; until then it has no id."""
@@ -443,7 +201,7 @@ class _Handlers:
             )
         try:
             await self.api(request, key).call("DELETE", f"/v1/sessions/{sid}")
-        except _ApiError as exc:
+        except ApiError as exc:
             return gr.skip(), gr.skip(), f"**Error:** {exc}", gr.skip(), hidden
         return "", [], f"Deleted session `{sid}`.", "", hidden
 
@@ -452,9 +210,9 @@ class _Handlers:
             return "Send a message or run code first: that starts this session's kernel."
         try:
             info = (await self.api(request, key).call("GET", f"/v1/sessions/{sid}/kernel")).json()
-        except _ApiError as exc:
+        except ApiError as exc:
             return f"**Error:** {exc}"
-        return _attach_md(info)
+        return attach_md(info)
 
     async def refresh(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
         """The session list, the notebook download and the session's files, after anything
@@ -464,7 +222,7 @@ class _Handlers:
         async def get(path: str) -> httpx.Response | None:
             try:
                 return await api.call("GET", path)
-            except _ApiError:  # no such session (yet), or the service is away
+            except ApiError:  # no such session (yet), or the service is away
                 return None
 
         sessions, notebook, listed = await asyncio.gather(
@@ -490,7 +248,7 @@ class _Handlers:
         sid = sid or uuid.uuid4().hex
         try:
             saved = await self.api(request, key).upload(sid, [Path(p) for p in paths])
-        except _ApiError as exc:
+        except ApiError as exc:
             return None, sid, f"**Error:** {exc}"
         names = ", ".join(f"`{f['path']}`" for f in saved)
         return None, sid, f"Added {names}: the agent hears of it with your next message."
@@ -507,7 +265,7 @@ class _Handlers:
             await self.api(request, key).download(
                 f"/v1/sessions/{sid}/files/{quote(path, safe='/')}", target
             )
-        except _ApiError as exc:
+        except ApiError as exc:
             return *_file_actions(None), f"**Error:** {exc}"
         return *_file_actions(str(target)), ""
 
@@ -518,20 +276,9 @@ class _Handlers:
             await self.api(request, key).call(
                 "DELETE", f"/v1/sessions/{sid}/files/{quote(path, safe='/')}"
             )
-        except _ApiError as exc:
+        except ApiError as exc:
             return f"**Error:** {exc}"
         return f"Deleted `{path}`."
-
-
-def _size(size: int) -> str:
-    if size < 1024:
-        return f"{size:,} bytes"
-    value = float(size)
-    for unit in ("KB", "MB", "GB"):
-        value /= 1024
-        if value < 1024 or unit == "GB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 def _file_actions(downloaded: str | None) -> tuple[Any, Any]:
@@ -557,7 +304,7 @@ def _file_choices(files: list[dict[str, Any]]) -> tuple[Any, ...]:
         if f.get("type", "file") == "file"
         and not any(part.startswith(".") for part in str(f["path"]).split("/"))
     ]
-    choices = [(f"{f['path']} · {_size(int(f.get('size') or 0))}", f["path"]) for f in shown]
+    choices = [(f"{f['path']} · {size_text(int(f.get('size') or 0))}", f["path"]) for f in shown]
     hint = "" if shown else NO_FILES
     return gr.Radio(choices=choices, value=None), hint, *_file_actions(None)
 
