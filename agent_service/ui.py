@@ -259,7 +259,10 @@ class _Handlers:
         """A file chosen in the list: fetched, ready to download or delete."""
         if not path or not sid:
             return *_file_actions(None), gr.skip()
-        target = self.downloads / sid / "files" / uuid.uuid4().hex / Path(path).name
+        # gradio serves a copy from its cache: earlier picks need not stay on disk here
+        picks = self.downloads / sid / "files"
+        await asyncio.to_thread(shutil.rmtree, picks, True)
+        target = picks / uuid.uuid4().hex / Path(path).name  # the name the browser saves
         target.parent.mkdir(parents=True)
         try:
             await self.api(request, key).download(
