@@ -119,12 +119,10 @@ def attach_md(info: dict[str, Any]) -> str:
 
 
 def size_text(size: int) -> str:
-    """A byte count for people: 24 bytes, 22.4 KB."""
-    if size < 1024:
-        return f"{size:,} bytes"
-    value = float(size)
-    for unit in ("KB", "MB", "GB"):
-        value /= 1024
-        if value < 1024 or unit == "GB":
+    """A byte count for people (24 bytes, 22.9 KB), in the decimal units the replies use."""
+    value, unit = float(size), "bytes"
+    for larger in ("KB", "MB", "GB"):
+        if value < 1000:
             break
-    return f"{value:.1f} {unit}"
+        value, unit = value / 1000, larger
+    return f"{size:,} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
