@@ -16,9 +16,9 @@ import functools
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Settings
 from .context import (
@@ -47,6 +47,8 @@ from .render import ContentRenderer, ImageUrl
 from .store import TranscriptStore
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _NO_KERNEL = (
     "The kernel service is unreachable right now, so no code can run this turn. Answer "
@@ -147,6 +149,32 @@ class TurnSpec:
     """Files the user message carried, saved in the session folder before the turn."""
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the user asks the turn to stop."""
+
+
+async def _until_set(items: AsyncIterator[T], stop: asyncio.Event) -> AsyncGenerator[T, None]:
+    """The items of `items` until `stop` is set; then `items` is closed (a model call behind
+    it is cancelled)."""
+    stopping = asyncio.ensure_future(stop.wait())
+    step: asyncio.Future[T] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(items))
+            await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                return
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stopping.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            await asyncio.wait({step})
+        close = getattr(items, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def kernel_identity(info: dict[str, Any] | None) -> str | None:
@@ -319,6 +347,11 @@ class Agent:
                 for _ in range(self.settings.max_tool_rounds):
                     messages = self._request(t, system, history, fixed, budget)
                     reply = await self._model_round(t, messages, tools)
+                    if reply is None:  # stopped while the model was writing
+                        await self._stopped(t)
+                        await self._report_files(t)
+                        final = Finished("stop", usage)
+                        return
                     for key, value in reply.usage.items():
                         usage[key] = usage.get(key, 0) + value
                     if not reply.tool_calls or kernel is None:
@@ -513,19 +546,31 @@ class Agent:
 
     async def _model_round(
         self, t: _Turn, messages: list[Message], tools: list[dict[str, Any]]
-    ) -> ModelReply:
+    ) -> ModelReply | None:
+        """One model call streamed to the user; None when the user stopped the turn meanwhile
+        (the call is cut, what the model wrote is kept as a partial answer)."""
         reply: ModelReply | None = None
+        written: list[str] = []
+        stream = self.model.stream(t.spec.model, messages, tools, t.spec.params)
         try:
-            async for item in self.model.stream(t.spec.model, messages, tools, t.spec.params):
-                if isinstance(item, TextDelta):
-                    t.say(t.renderer.text(item.text))
-                else:
-                    reply = item
+            async with contextlib.aclosing(_until_set(stream, t.spec.stop)) as items:
+                async for item in items:
+                    if isinstance(item, TextDelta):
+                        written.append(item.text)
+                        t.say(t.renderer.text(item.text))
+                    else:
+                        reply = item
         except ProviderError as exc:
             partial = getattr(exc, "partial_text", "")
             if partial:
                 self.store.append(t.sid, t.turn, "assistant", {"content": partial, "partial": True})
             raise
+        if reply is None and t.spec.stop.is_set():
+            text = "".join(written)
+            if text:
+                said = await self._item(assistant_message(text, []), None, t.count)
+                self._append(t, "assistant", {"content": text, "partial": True}, said)
+            return None
         assert reply is not None
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
         said = await self._item(assistant_message(reply.text, calls), None, t.count)

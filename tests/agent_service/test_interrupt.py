@@ -7,7 +7,8 @@ import asyncio
 import httpx
 import pytest
 
-from kernel_agent_pytest.scripted_llm import Text, ToolCall
+from agent_service.agent import STOPPED
+from kernel_agent_pytest.scripted_llm import Gate, Hold, Text, ToolCall
 
 from .conftest import Stack
 
@@ -95,3 +96,39 @@ async def test_stop_a_code_run_and_the_routes_ownership(start_stack) -> None:
         assert after.json()["text"] == "42"
         missing = await http.post("/v1/sessions/nope/interrupt", headers=alice)
         assert missing.status_code == 404
+
+
+async def test_stop_while_the_model_thinks_cuts_its_call(start_stack) -> None:
+    stack: Stack = start_stack(llm_timeout=600)  # the model call ends by the stop alone
+    gate = Gate()  # never opened: the model would answer only when the test ends
+    stack.llm.script(Hold(gate, Text("never said")))
+    client = stack.new_async_client()
+    # The response starts with the turn's first words: here, the note that it stopped.
+    started = asyncio.create_task(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "think slowly"}],
+            stream=True,
+            extra_headers={"X-Session-Id": "slow"},
+        )
+    )
+    await stack.llm.wait_for_requests(1, within=60)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        stopped = await http.post("/v1/sessions/slow/interrupt")
+        assert stopped.json()["interrupted"] is True
+        content = ""
+        async for chunk in await started:
+            content += "".join(c.delta.content or "" for c in chunk.choices)
+        assert content == f"> **Note:** {STOPPED}\n\n"
+        events = (await http.get("/v1/sessions/slow")).json()["events"]
+        assert [e["type"] for e in events] == ["user", "note"]
+    stack.llm.script(Text("Go on then."))
+    reply = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "go on"}],
+        extra_headers={"X-Session-Id": "slow"},
+    )
+    assert reply.choices[0].message.content == "Go on then."
+    told = stack.llm.requests[1]["messages"]
+    assert any("The user stopped the previous turn" in str(m.get("content")) for m in told)
+    assert not gate.is_open
