@@ -88,6 +88,8 @@ _COUNT_INLINE_CHARS = 20_000
 _LIVE_KEPT_CHARS = 100_000
 _CACHED_SESSIONS = 32
 """Sessions whose model-ready history is kept in memory between turns."""
+_NOTED_SESSIONS = 4096
+"""Sessions remembered as noted outside a turn (see `Agent.add_note`)."""
 _WRITING_TOOLS = frozenset({"execute_code", "write_file"})
 """Tools that can write files: the session folder is listed before the first one runs."""
 
@@ -227,8 +229,10 @@ class _Turn:
         self.count = counter
         self.current: list[Item] = []
         self.sent: list[str] = []
+        self.files_listed = False
         self.files_before: dict[str, tuple[int, str]] | None = None
-        """The session folder before the turn's first tool that can write (path: size, time)."""
+        """The session folder before the turn's first tool that can write (path: size, time);
+        None when it was not listed (no such tool ran, or listing failed)."""
         self._emit = emit
 
     def say(self, text: str) -> None:
@@ -275,6 +279,10 @@ class Agent:
         """
         record = self.store.get_session(session_id)
         self.store.append(session_id, record.last_turn if record else 0, "note", data)
+        if len(self._noted) >= _NOTED_SESSIONS:  # bounded: forgetting all kept history is safe
+            self._noted.clear()
+            self._histories.clear()
+            self._cached_model.clear()
         self._noted.add(session_id)
         self.forget(session_id)
         self.exporter.schedule(session_id)
@@ -486,6 +494,7 @@ class Agent:
         """Add the finished turn to the kept history, dropping what no longer fits."""
         cached = self._histories.get(t.sid)
         if cached is None or cached.last_turn != t.turn - 1 or t.sid in self._noted:
+            self._noted.discard(t.sid)
             self.forget(t.sid)
             return
         turns = [TurnItems(t.turn, list(t.current)), *cached.history.turns]
@@ -591,8 +600,9 @@ class Agent:
             event_id = await self._record_tool(t, call, {}, outcome)
             t.say(t.renderer.tool_end(call.name, {}, outcome, event_id))
             return
-        if call.name in _WRITING_TOOLS and t.files_before is None:
-            t.files_before = await self._file_state(t.sid) or {}
+        if call.name in _WRITING_TOOLS and not t.files_listed:
+            t.files_listed = True
+            t.files_before = await self._file_state(t.sid)
         started = {"call_id": call.id, "name": call.name, "arguments": arguments}
         started_id = self.store.append(t.sid, t.turn, "tool_started", started)
         t.say(t.renderer.tool_start(call.name, arguments))

@@ -184,7 +184,8 @@ def _translate(response: httpx.Response, what: str) -> ServiceError:
         return InvalidRequest(message, param="path", code=error.get("code") or "invalid_path")
     if response.status_code == 404:
         return KernelServiceError(
-            f"the kernel service has no file routes ({what}); it must be kernel_mcp 0.2+"
+            f"the kernel service has no file routes ({what}): an older kernel_mcp, or another "
+            "MCP server"
         )
     return KernelServiceError(f"the kernel service refused {what}: {message}")
 

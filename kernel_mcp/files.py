@@ -84,22 +84,10 @@ class SessionFiles:
 
     def read_text(self, path: str) -> str:
         """A UTF-8 text file's content."""
-        parts = self.parts(path)
-        if not parts:
-            raise FileAccessError(f"{path!r} is a folder; list_files shows what exists")
-        with self._folder(path, parts[:-1]) as folder:
-            try:
-                fd = os.open(parts[-1], _READ_FLAGS, dir_fd=folder)
-            except OSError as exc:
-                raise self._refusal(path, exc) from None
+        fd, info = self.open_file(path)
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-                raise FileAccessError(f"{path!r} is {kind}; list_files shows what exists")
             if info.st_size > self.max_read_bytes:
                 raise self._too_large(path, info.st_size)
-            os.set_blocking(fd, True)
             data = _read_up_to(fd, self.max_read_bytes + 1)
         finally:
             os.close(fd)

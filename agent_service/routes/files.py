@@ -51,6 +51,35 @@ _UPLOAD_BODY = {
     },
 }
 _PATH_PARAM = "A path relative to the session folder; symlinks are never followed."
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+        }
+    },
+}
+
+
+def _errors(**described: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries of the OpenAI-shaped errors a route answers."""
+    return {
+        int(status.removeprefix("e")): {
+            "description": text,
+            "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+        }
+        for status, text in described.items()
+    }
+
+
+_NOT_YOURS = "No such session, or not the caller's (session_not_found)."
+_BAD_PATH = "A path that is absolute, has '..' or a NUL, or goes through a symlink (invalid_path)."
 
 
 def _visible(svc: Services, caller: Principal, session_id: str) -> None:
@@ -66,6 +95,11 @@ def _visible(svc: Services, caller: Principal, session_id: str) -> None:
     "new. The model is told on its next turn which files arrived and where the kernel finds "
     "them.",
     openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses=_errors(
+        e400="No files, or a target folder that leaves the session folder (invalid_path).",
+        e404=_NOT_YOURS,
+        e413="The upload exceeds AGENT_MAX_UPLOAD_BYTES (request_too_large).",
+    ),
 )
 async def upload_files(
     session_id: str, request: Request, svc: Svc, caller: Caller
@@ -99,6 +133,7 @@ async def upload_files(
     summary="List the session's files",
     description="Every file below the session folder (and symlinks, never followed): path, "
     "size in bytes, modification time (UTC, ISO 8601), type.",
+    responses=_errors(e404=_NOT_YOURS),
 )
 async def list_files(session_id: str, svc: Svc, caller: Caller) -> dict[str, Any]:
     _visible(svc, caller, session_id)
@@ -117,6 +152,7 @@ async def list_files(session_id: str, svc: Svc, caller: Caller) -> dict[str, Any
     description=f"The file's bytes, streamed. {_PATH_PARAM} A signed link (the `sig` query "
     "parameter of links listed in replies) needs no key.",
     response_class=StreamingResponse,
+    responses=_errors(e400=_BAD_PATH, e401="No key and no valid signature.", e404=_NOT_YOURS),
 )
 async def download_file(session_id: str, path: str, request: Request, svc: Svc) -> Any:
     signature = request.query_params.get("sig", "")
@@ -156,6 +192,7 @@ async def download_file(session_id: str, path: str, request: Request, svc: Svc) 
     "/{session_id}/files/{path:path}",
     summary="Delete a session file",
     description=f"Deletes a file, a symlink (never what it points to) or a folder. {_PATH_PARAM}",
+    responses=_errors(e400=_BAD_PATH, e404=_NOT_YOURS + " Or no such file (file_not_found)."),
 )
 async def delete_file(session_id: str, path: str, svc: Svc, caller: Caller) -> dict[str, Any]:
     _visible(svc, caller, session_id)

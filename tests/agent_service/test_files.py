@@ -3,9 +3,12 @@ files a turn wrote, through the openai SDK and raw HTTP, against real kernels.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
+import hashlib
 import io
+import os
 import uuid
 from typing import Any
 from urllib.parse import quote
@@ -14,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from kernel_agent_pytest.scripted_llm import Text, ToolCall
+from kernel_agent_pytest.scripted_llm import Gate, Hold, Text, ToolCall
 
 from .conftest import Stack
 
@@ -105,6 +108,22 @@ async def test_upload_several_files_then_list_download_and_delete(stack: Stack) 
     assert missing.value.code == "file_not_found"
 
 
+async def test_a_large_file_goes_in_and_out_whole(stack: Stack) -> None:
+    data = os.urandom(12 * 1024 * 1024 + 7)  # over the 2 MB chat body limit, many chunks
+    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as http:
+        uploaded = await http.post(
+            "/v1/sessions/large-1/files", files=[("files", ("blob.bin", data))]
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        assert uploaded.json()["data"][0]["size"] == len(data)
+        digest = hashlib.sha256()
+        async with http.stream("GET", "/v1/sessions/large-1/files/blob.bin") as download:
+            assert download.headers["content-length"] == str(len(data))
+            async for chunk in download.aiter_bytes():
+                digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
 async def test_the_model_is_told_of_uploads_on_its_next_turn(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         uploaded = await http.post(
@@ -137,6 +156,35 @@ async def test_the_model_is_told_of_uploads_on_its_next_turn(stack: Stack) -> No
     later = [m["content"] for m in stack.llm.requests[-1]["messages"] if m["role"] == "user"]
     assert sum("prices.csv" in text for text in later) == 1
     assert later[-1] == "And now?"
+
+
+async def test_an_upload_during_a_turn_is_told_on_the_next(stack: Stack) -> None:
+    gate = Gate()
+    stack.llm.script(Hold(gate, Text("First answer.")), Text("Second answer."))
+    client = stack.new_async_client()
+    first = asyncio.create_task(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Wait for it"}],
+            extra_headers={"X-Session-Id": "during-1"},
+        )
+    )
+    await stack.llm.wait_for_requests(1, within=30)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        uploaded = await http.post(
+            "/v1/sessions/during-1/files", files=[("files", ("late.csv", b"a\n1\n"))]
+        )
+        assert uploaded.status_code == 201, uploaded.text
+    gate.open()
+    assert (await first).choices[0].message.content == "First answer."
+    assert all("late.csv" not in str(m) for m in stack.llm.requests[0]["messages"])
+    await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Anything new?"}],
+        extra_headers={"X-Session-Id": "during-1"},
+    )
+    told = [m["content"] for m in stack.llm.requests[1]["messages"] if m["role"] == "user"]
+    assert any("/home/session/late.csv" in text for text in told), told
 
 
 async def test_uploads_over_the_limit_get_413_and_leave_nothing(start_stack) -> None:
@@ -440,3 +488,49 @@ def test_paths_in_links_are_quoted(stack: Stack) -> None:
 
     link = file_link(stack.services, "http://h/", "s1", "a b/#c?.csv")
     assert link == f"http://h/v1/sessions/s1/files/{quote('a b/#c?.csv', safe='/')}"
+
+
+async def test_the_file_routes_are_described_in_openapi(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        spec = (await http.get("/openapi.json")).json()
+    listing = spec["paths"]["/v1/sessions/{session_id}/files"]
+    one = spec["paths"]["/v1/sessions/{session_id}/files/{path}"]
+    assert set(listing) == {"get", "post"}
+    assert set(one) == {"get", "delete"}
+    upload = listing["post"]
+    form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert set(form) == {"files", "folder"}
+    assert "AGENT_MAX_UPLOAD_BYTES" in upload["responses"]["413"]["description"]
+    assert "symlink" in one["get"]["responses"]["400"]["description"]
+
+
+async def test_a_turn_whose_folder_could_not_be_listed_claims_no_files(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent_service.errors import KernelServiceError
+
+    files = stack.services.agent.files
+    real = files.listing
+    calls = 0
+
+    async def first_fails(session_id: str) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KernelServiceError("listing refused, once")
+        return await real(session_id)
+
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        await http.post("/v1/sessions/unlisted-1/files", files=[("files", ("old.txt", b"o"))])
+    monkeypatch.setattr(files, "listing", first_fails)
+    stack.llm.script(
+        ToolCall("execute_code", {"code": "open('new.txt', 'w').write('n')"}), Text("Wrote it.")
+    )
+    reply = stack.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a file"}],
+        extra_headers={"X-Session-Id": "unlisted-1"},
+    )
+    assert calls == 1, "not listed again at the end: nothing to compare with"
+    assert "Files written" not in reply.choices[0].message.content
+    assert reply.choices[0].message.content.endswith("Wrote it.")

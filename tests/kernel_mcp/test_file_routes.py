@@ -1,0 +1,91 @@
+"""kernel_mcp's HTTP file routes: the token, the size bound, paths kept in the folder."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastmcp import Client
+from fastmcp.client.transports import StreamableHttpTransport
+
+pytestmark = pytest.mark.kernel
+
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+async def test_file_routes_need_the_token(serve_http: Callable[..., str]) -> None:
+    base = serve_http(token="s3cret")
+    async with httpx.AsyncClient(base_url=base) as http:
+        for method, path in [
+            ("GET", "/sessions/f1/files"),
+            ("PUT", "/sessions/f1/files/a.txt"),
+            ("GET", "/sessions/f1/files/a.txt"),
+            ("DELETE", "/sessions/f1/files/a.txt"),
+        ]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                denied = await http.request(method, path, content=b"x", headers=headers)
+                assert denied.status_code == 401, (method, path)
+                assert denied.json()["error"]["code"] == "invalid_token"
+        put = await http.put("/sessions/f1/files/sub/a.txt", content=b"hello", headers=AUTH)
+        assert put.status_code == 201
+        assert put.json()["path"] == "sub/a.txt"
+        assert put.json()["kernel_path"] == "/home/session/sub/a.txt"
+        got = await http.get("/sessions/f1/files/sub/a.txt", headers=AUTH)
+        assert got.content == b"hello"
+        assert got.headers["content-length"] == "5"
+        listed = (await http.get("/sessions/f1/files", headers=AUTH)).json()
+        assert [(f["path"], f["size"]) for f in listed["files"]] == [("sub/a.txt", 5)]
+        deleted = await http.delete("/sessions/f1/files/sub/a.txt", headers=AUTH)
+        assert deleted.json()["deleted"] == "file"
+        missing = await http.get("/sessions/f1/files/sub/a.txt", headers=AUTH)
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "file_not_found"
+
+
+async def test_uploads_are_bounded_and_stay_in_the_folder(
+    serve_http: Callable[..., str], short_tmp: Path
+) -> None:
+    base = serve_http(upload_max_bytes=1000)
+    staging = short_tmp / "ws" / ".incoming"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"y" * 500
+
+    async with httpx.AsyncClient(base_url=base) as http:
+        declared = await http.put("/sessions/f2/files/big.bin", content=b"x" * 2000)
+        assert declared.status_code == 413
+        streamed = await http.put("/sessions/f2/files/big.bin", content=chunks())
+        assert streamed.status_code == 413
+        assert list(staging.iterdir()) == [], "a refused upload leaves nothing staged"
+        # httpx resolves a literal "../" itself: the request misses the route.
+        normalised = await http.put("/sessions/f2/files/../up.txt", content=b"x")
+        assert normalised.status_code == 404
+        for path in ["%2e%2e/up.txt", "..%2Fup.txt", "%2Fabs.txt", "a%00b.txt"]:
+            refused = await http.put(f"/sessions/f2/files/{path}", content=b"x")
+            assert refused.status_code == 400, path
+            assert refused.json()["error"]["code"] == "invalid_path"
+        bad_session = await http.get("/sessions/.hidden/files")
+        assert bad_session.status_code == 400
+        assert (await http.get("/sessions/f2/files")).json()["files"] == []
+    assert not (short_tmp / "ws" / "up.txt").exists()
+    assert not (short_tmp / "up.txt").exists()
+
+
+@pytest.mark.gateway
+async def test_the_kernel_finds_an_upload_where_it_is_told(serve_http: Callable[..., str]) -> None:
+    base = serve_http()
+    async with httpx.AsyncClient(base_url=base) as http:
+        put = await http.put("/sessions/f3/files/data/in.txt", content=b"forty-two")
+        assert put.status_code == 201
+    kernel_path = put.json()["kernel_path"]
+    transport = StreamableHttpTransport(f"{base}/mcp", headers={"X-Session-Id": "f3"})
+    async with Client(transport, mode="legacy") as client:
+        result: Any = await client.call_tool(
+            "execute_code", {"code": f"print(open({kernel_path!r}).read())"}
+        )
+        await client.call_tool("shutdown_kernel", {})
+    assert result.content[0].text.strip() == "forty-two"
