@@ -16,9 +16,9 @@ import functools
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Settings
 from .context import (
@@ -40,13 +40,15 @@ from .conversation import extend_digest
 from .errors import ContextTooLarge, KernelServiceError, ProviderError, ServiceError
 from .exporter import NotebookExporter
 from .files import KernelFiles, SavedFile, SessionFile, upload_note
-from .kernel_client import KernelClient, ToolOutcome
+from .kernel_client import KernelClient, KernelSession, ProgressHandler, ToolOutcome
 from .llm import ModelAdapter, ModelParams, ModelReply, TextDelta, ToolCallRequest
 from .prompt_cache import PromptCache
 from .render import ContentRenderer, ImageUrl
 from .store import TranscriptStore
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _NO_KERNEL = (
     "The kernel service is unreachable right now, so no code can run this turn. Answer "
@@ -71,6 +73,14 @@ _SHUT_DOWN = (
     "[interrupted: the service shut down while this call was running; the kernel was asked "
     "to stop it, and may hold part of its effects.{seen}]"
 )
+STOPPED = "Stopped: you stopped this turn. The kernel keeps its variables."
+_STOPPED_FOR_MODEL = (
+    "The user stopped the previous turn while it ran; code that was running got a "
+    "KeyboardInterrupt and the kernel kept its variables. Do not resume that work unless asked."
+)
+_NOT_RUN = "[not executed: the user stopped the turn before this call ran]"
+_STOP_INTERRUPTS = 3
+"""Interrupts a stopped tool call gets (one may reach the kernel before the code starts)."""
 _BUDGET_MARGIN = 0.02
 """Share of the input budget kept free: provider tokenizers may count a little more."""
 _COUNT_INLINE_CHARS = 20_000
@@ -139,6 +149,34 @@ class TurnSpec:
     """Maps a session file's path to its download link (None: files written go unlisted)."""
     attachments: list[SavedFile] = field(default_factory=list)
     """Files the user message carried, saved in the session folder before the turn."""
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the user asks the turn to stop."""
+
+
+async def _until_set(items: AsyncIterator[T], stop: asyncio.Event) -> AsyncGenerator[T, None]:
+    """The items of `items` until `stop` is set; then `items` is closed (a model call behind
+    it is cancelled)."""
+    stopping = asyncio.ensure_future(stop.wait())
+    step: asyncio.Future[T] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(items))
+            await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                return
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stopping.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            await asyncio.wait({step})
+        close = getattr(items, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def kernel_identity(info: dict[str, Any] | None) -> str | None:
@@ -328,6 +366,11 @@ class Agent:
                 for _ in range(self.settings.max_tool_rounds):
                     messages = self._request(t, system, history, fixed, budget)
                     reply = await self._model_round(t, messages, tools)
+                    if reply is None:  # stopped while the model was writing
+                        await self._stopped(t)
+                        await self._report_files(t)
+                        final = Finished("stop", usage)
+                        return
                     for key, value in reply.usage.items():
                         usage[key] = usage.get(key, 0) + value
                     if not reply.tool_calls or kernel is None:
@@ -335,7 +378,16 @@ class Agent:
                         final = Finished(reply.finish_reason or "stop", usage)
                         return
                     for call in reply.tool_calls:
-                        await self._run_tool(t, call, kernel)
+                        if spec.stop.is_set():
+                            outcome = ToolOutcome(_NOT_RUN, is_error=True)
+                            await self._record_tool(t, call, {}, outcome)
+                        else:
+                            await self._run_tool(t, call, kernel)
+                    if spec.stop.is_set():
+                        await self._stopped(t)
+                        await self._report_files(t)
+                        final = Finished("stop", usage)
+                        return
             closing = (
                 f"I stopped after {self.settings.max_tool_rounds} rounds of tool calls without "
                 "reaching a final answer. Ask me to continue, or narrow the task."
@@ -366,6 +418,48 @@ class Agent:
             self.exporter.schedule(sid)
             if final is not None:
                 emit(final)
+
+    async def _stopped(self, t: _Turn) -> None:
+        """End a turn the user stopped: say so, and tell the model next turn."""
+        logger.info("session %s: turn %d stopped by the user", t.sid, t.turn)
+        message = {"role": "user", "content": service_note(_STOPPED_FOR_MODEL)}
+        data = {"kind": "stopped", "text": STOPPED, "for_model": _STOPPED_FOR_MODEL}
+        self._append(t, "note", data, await self._item(message, None, t.count))
+        t.say(t.renderer.note(STOPPED))
+
+    async def _call_until_stopped(
+        self,
+        sid: str,
+        kernel: KernelSession,
+        stop: asyncio.Event,
+        name: str,
+        arguments: dict[str, Any],
+        on_output: ProgressHandler | None = None,
+    ) -> ToolOutcome:
+        """A tool call that the kernel is interrupted out of when `stop` is set.
+
+        The call itself goes on to its end (a KeyboardInterrupt result), so the kernel and its
+        variables stay; an interrupt that reaches the kernel before the code begins is lost,
+        hence a few, each given `stop_wait` seconds.
+        """
+        call = asyncio.ensure_future(kernel.call(name, arguments, on_output))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({call, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for _ in range(_STOP_INTERRUPTS):
+                if call.done():
+                    break
+                logger.info("session %s: stop asked; interrupting the kernel", sid)
+                interrupt = await kernel.call("interrupt_kernel", {}, allow_hidden=True)
+                if interrupt.is_error:
+                    logger.warning("session %s: interrupt failed: %s", sid, interrupt.text)
+                await asyncio.wait({call}, timeout=self.settings.stop_wait)
+            return await call
+        finally:
+            stopping.cancel()
+            if not call.done():  # we were cancelled (the service shuts down): so is the call
+                call.cancel()
+                await asyncio.wait({call})
 
     def _extend_digest(self, sid: str, user: str, reply: str) -> None:
         """Let a client that sends the whole history continue this session without an id."""
@@ -484,19 +578,31 @@ class Agent:
 
     async def _model_round(
         self, t: _Turn, messages: list[Message], tools: list[dict[str, Any]]
-    ) -> ModelReply:
+    ) -> ModelReply | None:
+        """One model call streamed to the user; None when the user stopped the turn meanwhile
+        (the call is cut, what the model wrote is kept as a partial answer)."""
         reply: ModelReply | None = None
+        written: list[str] = []
+        stream = self.model.stream(t.spec.model, messages, tools, t.spec.params)
         try:
-            async for item in self.model.stream(t.spec.model, messages, tools, t.spec.params):
-                if isinstance(item, TextDelta):
-                    t.say(t.renderer.text(item.text))
-                else:
-                    reply = item
+            async with contextlib.aclosing(_until_set(stream, t.spec.stop)) as items:
+                async for item in items:
+                    if isinstance(item, TextDelta):
+                        written.append(item.text)
+                        t.say(t.renderer.text(item.text))
+                    else:
+                        reply = item
         except ProviderError as exc:
             partial = getattr(exc, "partial_text", "")
             if partial:
                 self.store.append(t.sid, t.turn, "assistant", {"content": partial, "partial": True})
             raise
+        if reply is None and t.spec.stop.is_set():
+            text = "".join(written)
+            if text:
+                said = await self._item(assistant_message(text, []), None, t.count)
+                self._append(t, "assistant", {"content": text, "partial": True}, said)
+            return None
         assert reply is not None
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
         said = await self._item(assistant_message(reply.text, calls), None, t.count)
@@ -532,7 +638,9 @@ class Agent:
             t.say(t.renderer.live(text))
 
         try:
-            outcome = await kernel.call(call.name, arguments, on_output)
+            outcome = await self._call_until_stopped(
+                t.sid, kernel, t.spec.stop, call.name, arguments, on_output
+            )
         except KernelServiceError as exc:
             await self._record_tool(t, call, arguments, ToolOutcome(exc.message, is_error=True))
             self.store.drop_output(started_id)
@@ -601,9 +709,12 @@ class Agent:
         t.say(t.renderer.text(f"\n\n{text}" if t.sent else text))
 
     async def execute_direct(
-        self, sid: str, code: str, timeout: float | None
+        self, sid: str, code: str, timeout: float | None, stop: asyncio.Event | None = None
     ) -> tuple[int, ToolOutcome]:
-        """Run code the user typed (no model), recorded like any execution."""
+        """Run code the user typed (no model), recorded like any execution.
+
+        Setting `stop` interrupts it (it then ends with a KeyboardInterrupt).
+        """
         await self.model.ready()
         record = self.store.get_session(sid)
         turn = (record.last_turn if record else 0) + 1
@@ -620,7 +731,9 @@ class Agent:
         try:
             async with self.kernels.session(sid) as kernel:
                 await self._check_kernel(t, kernel)
-                outcome = await kernel.call("execute_code", arguments)
+                outcome = await self._call_until_stopped(
+                    sid, kernel, stop or asyncio.Event(), "execute_code", arguments
+                )
                 if not outcome.is_error or _restarted("execute_code", outcome):
                     await self._remember_kernel(
                         sid, kernel, refresh=_restarted("execute_code", outcome)

@@ -122,6 +122,12 @@ class Settings(BaseSettings):
         description="kernel_mcp tools not offered to the model.",
     )
     sse_ping: float = Field(default=15.0, gt=0)
+    stop_wait: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a stopped turn's tool call gets to end after each of its "
+        "interrupts (three are sent) before the turn waits for the call's own deadline.",
+    )
     shutdown_grace: float = Field(
         default=10.0,
         ge=0,

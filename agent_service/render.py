@@ -17,6 +17,16 @@ from typing import Any
 from .kernel_client import ToolOutcome
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# kernel_mcp's live output marks a displayed image with a line such as `[image/png]`; the
+# image itself follows the output block, so the marker would show the same thing twice.
+_IMAGE_MARKER = re.compile(r"^\[image/[\w.+-]+\]\n", re.MULTILINE)
+# A line shaped like an error's one-line summary (`ZeroDivisionError: division by zero`),
+# which live output sends before the traceback that ends with the same line. Exception-like
+# names only, so that progress lines (`loss: 0.5`) are never held back.
+_SUMMARY = re.compile(
+    r"(?:^|\n)((?:\w+\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Exit|Iteration|Warning|Group)"
+    r": [^\n]*\n)\Z"
+)
 _IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg"}
 
 ImageUrl = Callable[[str], str]
@@ -75,6 +85,7 @@ class ContentRenderer:
         self._last = "\n"
         self._fence_open = False
         self._live_sent = False
+        self._held = ""
 
     def _out(self, text: str) -> str:
         if text:
@@ -94,6 +105,7 @@ class ContentRenderer:
     def tool_start(self, name: str, arguments: dict[str, Any]) -> str:
         self._fence_open = False
         self._live_sent = False
+        self._held = ""
         if self._mode == "openwebui":
             return ""
         if name == "execute_code":
@@ -106,12 +118,37 @@ class ContentRenderer:
         return self._out(f"{self._gap()}`{name}` {args}\n")
 
     def live(self, text: str) -> str:
+        """A piece of a running cell's output, into the open output block.
+
+        Image markers are left out (the image follows the block). A last line shaped like an
+        error summary is held until more output comes: if the cell ends with that error,
+        its traceback (which ends with the same line) shows it once.
+        """
         if self._mode == "openwebui":
+            return ""
+        self._live_sent = True
+        text = _IMAGE_MARKER.sub("", self._held + _ANSI.sub("", text))
+        held = _SUMMARY.search(text)
+        self._held = held.group(1) if held else ""
+        return self._open(text[: held.start(1)] if held else text)
+
+    def _open(self, text: str) -> str:
+        """`text` into the output block, opened first if need be."""
+        if not text:
             return ""
         prefix = "" if self._fence_open else "```text\n"
         self._fence_open = True
-        self._live_sent = True
         return self._out(prefix + _clean(text))
+
+    def _release(self, outputs: list[dict[str, Any]]) -> str:
+        """The held line, unless it is the summary of the error the traceback will show."""
+        held, self._held = self._held, ""
+        summaries = {
+            f"{o.get('ename')}: {o.get('evalue')}\n"
+            for o in outputs
+            if o.get("output_type") == "error" and o.get("traceback")
+        }
+        return "" if held in summaries else self._open(held)
 
     def tool_end(
         self, name: str, arguments: dict[str, Any], outcome: ToolOutcome, event_id: int
@@ -128,11 +165,11 @@ class ContentRenderer:
             return self._out(self._details(name, arguments, outcome) + images)
         if name != "execute_code" and not outcome.is_error:
             return ""
+        text = self._release(outputs if not outcome.is_error else [])
         if self._live_sent and not outcome.is_error:
             body = _tail_text(outputs, structured.get("message"))
         else:
             body = _for_people(outcome.text)
-        text = ""
         if body.strip() or self._fence_open:
             if not self._fence_open:
                 text += "```text\n"

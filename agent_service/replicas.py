@@ -6,6 +6,7 @@
   across replicas; a replica that dies mid-turn must lose it with its process;
 - a prompt cache clear that reaches every replica (`clear_prompts`), and the state of every
   replica's prompt cache for `/admin/cache-stats` (`report`, `members`);
+- a Stop that reaches the replica running the session's turn (`stop_turn`);
 - the link-signing secret, when no `AGENT_SECRET_KEY` is set (`shared_secret`).
 
 `LocalReplicas` is the one-process implementation used with SQLite: the turn registry's
@@ -37,8 +38,14 @@ class Replicas(Protocol):
     name: str
     """This replica's name, as `/admin/cache-stats` lists it."""
 
-    async def start(self, clear_local: Callable[[], None], stats: PromptStats) -> None:
-        """Begin listening: `clear_local` drops this replica's prompt, `stats` describes it."""
+    async def start(
+        self,
+        clear_local: Callable[[], None],
+        stats: PromptStats,
+        stop_local: Callable[[str], bool],
+    ) -> None:
+        """Begin listening: `clear_local` drops this replica's prompt, `stats` describes it,
+        `stop_local(session_id)` stops a turn running here."""
         ...
 
     async def close(self) -> None: ...
@@ -53,6 +60,10 @@ class Replicas(Protocol):
 
     async def clear_prompts(self) -> None:
         """Make every other replica drop its cached prompt (this one clears its own)."""
+        ...
+
+    async def stop_turn(self, session_id: str) -> None:
+        """Ask the other replicas to stop the session's turn (the one running it does)."""
         ...
 
     def changed(self) -> None:
@@ -87,7 +98,12 @@ class LocalReplicas:
         self._stats: PromptStats = dict
         self._started = time.time()
 
-    async def start(self, clear_local: Callable[[], None], stats: PromptStats) -> None:
+    async def start(
+        self,
+        clear_local: Callable[[], None],
+        stats: PromptStats,
+        stop_local: Callable[[str], bool],
+    ) -> None:
         self._stats = stats
 
     async def close(self) -> None:
@@ -100,6 +116,9 @@ class LocalReplicas:
         return False
 
     async def clear_prompts(self) -> None:
+        return None
+
+    async def stop_turn(self, session_id: str) -> None:
         return None
 
     def changed(self) -> None:

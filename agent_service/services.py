@@ -55,7 +55,7 @@ class Services:
     async def start(self) -> None:
         """Join the other replicas; litellm's import in the background, so no user waits."""
         self.prompts.on_change = self.replicas.changed
-        await self.replicas.start(self.prompts.clear, self.prompts.stats)
+        await self.replicas.start(self.prompts.clear, self.prompts.stats, self.turns.stop)
         self._warm_task = asyncio.create_task(self.model.warm_up(), name="warm-up")
 
     @property

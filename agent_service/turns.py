@@ -30,6 +30,7 @@ class TurnRegistry:
     def __init__(self, replicas: Replicas) -> None:
         self._replicas = replicas
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._stops: dict[str, asyncio.Event] = {}
         self._reserved: set[str] = set()
 
     def busy(self, session_id: str) -> bool:
@@ -66,10 +67,23 @@ class TurnRegistry:
             self._reserved.discard(session_id)
             await lease.release()
 
+    def stop(self, session_id: str) -> bool:
+        """Ask the session's running turn to stop (its `stop` event); False if none runs."""
+        stop = self._stops.get(session_id)
+        if stop is None:
+            return False
+        stop.set()
+        return True
+
     async def start(
-        self, session_id: str, run: Callable[[Callable[[TurnEvent], None]], Awaitable[None]]
+        self,
+        session_id: str,
+        run: Callable[[Callable[[TurnEvent], None]], Awaitable[None]],
+        stop: asyncio.Event | None = None,
     ) -> asyncio.Queue[TurnEvent]:
         """Start `run(emit)` for the session; its events arrive on the returned queue.
+
+        `stop` is set when someone asks the turn to stop; `run` decides what that means.
 
         Raises:
             SessionBusy: a turn of the session runs here or on another replica.
@@ -106,9 +120,11 @@ class TurnRegistry:
                     await asyncio.shield(lease.release())
                 finally:
                     self._running.pop(session_id, None)
+                    self._stops.pop(session_id, None)
                     assert final is not None
                     queue.put_nowait(final)
 
+        self._stops[session_id] = stop if stop is not None else asyncio.Event()
         self._running[session_id] = asyncio.create_task(main(), name=f"turn-{session_id}")
         return queue
 

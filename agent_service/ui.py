@@ -1,20 +1,14 @@
 """The web page at /ui: a Gradio chat that uses only this service's public HTTP API.
 
-Every action is an HTTP call to the service, so the page shows exactly what any client gets.
-Calls go to the socket the browser's request arrived on (never to a host a request names) with
-the browser's Host header, so the image links the service writes are ones the browser can open.
-Only this module imports gradio (the optional extra `ui`).
+Every action is an HTTP call to the service (`ui_api`), so the page shows exactly what any
+client gets; `ui_markdown` turns the service's records into the chat's markdown. Only this
+module imports gradio (the optional extra `ui`).
 """
 
 # No `from __future__ import annotations`: gradio reads the handlers' `gr.Request` annotations.
 
 import asyncio
-import base64
-import contextlib
-import html
-import json
 import logging
-import re
 import shutil
 import tempfile
 import uuid
@@ -22,233 +16,33 @@ import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import gradio as gr
 import httpx
 from fastapi import FastAPI
 
 from .config import Settings
+from .ui_api import ApiError, ServiceApi
+from .ui_markdown import attach_md, chat_messages, result_md, size_text
 
 logger = logging.getLogger(__name__)
 
 MOUNT_PATH = "/ui"
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-_SERVICE_IMAGE = re.compile(
-    r"(!\[[^\]]*\]\()(https?://[^)\s]+/v1/sessions/[^)\s]+/outputs/[^)\s]+)\)"
-)
-
-
-class _ApiError(Exception):
-    """A call to the service failed; the message is meant for people (markdown-safe)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        # Messages such as "Bearer <key>" would otherwise be eaten as HTML tags.
-        super().__init__(html.escape(message, quote=False))
-        self.status = status
-
-
-class _Api:
-    """The service's public HTTP API, called on behalf of one browser request."""
-
-    def __init__(self, settings: Settings, request: gr.Request | None, key: str) -> None:
-        raw = getattr(request, "request", None)
-        server = raw.scope.get("server") if raw is not None else None
-        host, port = server or (settings.host, settings.port)
-        host = f"[{host}]" if ":" in str(host) else host
-        self.base = f"http://{host}:{port}"
-        self.headers: dict[str, str] = {}
-        if raw is not None:  # the service then writes links the browser can open
-            self.headers["host"] = raw.headers.get("host", f"{host}:{port}")
-            self.headers["x-forwarded-proto"] = raw.url.scheme
-        self.keyed = bool(key.strip())
-        if self.keyed:
-            self.headers["authorization"] = f"Bearer {key.strip()}"
-        self._long = httpx.Timeout(30.0, read=settings.mcp_timeout)
-
-    @contextlib.asynccontextmanager
-    async def _client(self, long: bool = False) -> AsyncIterator[httpx.AsyncClient]:
-        try:
-            async with httpx.AsyncClient(
-                base_url=self.base,
-                headers=self.headers,
-                timeout=self._long if long else 30.0,
-                trust_env=False,  # never route calls to ourselves through a proxy
-            ) as client:
-                yield client
-        except httpx.TimeoutException as exc:
-            raise _ApiError("The service did not answer in time.") from exc
-        except httpx.HTTPError as exc:
-            raise _ApiError(f"The connection to the service at {self.base} failed: {exc}") from exc
-
-    async def call(
-        self, method: str, path: str, *, long: bool = False, **kwargs: Any
-    ) -> httpx.Response:
-        async with self._client(long) as client:
-            response = await client.request(method, path, **kwargs)
-        _check(response)
-        return response
-
-    async def chat(self, sid: str, model: str, message: str) -> AsyncIterator[str]:
-        """The content deltas of one streamed turn."""
-        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": message}]}
-        async with (
-            self._client(long=True) as client,
-            client.stream(
-                "POST", "/v1/chat/completions", json=body, headers={"x-session-id": sid}
-            ) as response,
-        ):
-            if not response.is_success:
-                await response.aread()
-                _check(response)
-            async for line in response.aiter_lines():
-                data = line.removeprefix("data:").strip()
-                if not line.startswith("data:") or not data:
-                    continue
-                if data == "[DONE]":
-                    return
-                try:
-                    chunk = json.loads(data)
-                except ValueError as exc:
-                    raise _ApiError(f"The service sent a malformed event: {data[:80]}") from exc
-                if "error" in chunk:
-                    raise _ApiError(_error_message(chunk, "the turn failed"))
-                for choice in chunk.get("choices", []):
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        yield text
-
-    async def inline_images(self, text: str, cache: dict[str, str]) -> str:
-        """Image links as data URIs: with an API key the browser cannot load them itself."""
-        for url in {m.group(2) for m in _SERVICE_IMAGE.finditer(text)} - cache.keys():
-            response = await self.call("GET", httpx.URL(url).path)
-            mime = response.headers.get("content-type", "image/png")
-            cache[url] = f"data:{mime};base64,{base64.b64encode(response.content).decode()}"
-        return _SERVICE_IMAGE.sub(lambda m: f"{m.group(1)}{cache.get(m.group(2), '')})", text)
-
-
-def _error_message(body: Any, default: str) -> str:
-    error = body.get("error") if isinstance(body, dict) else None
-    return str(error.get("message") or default) if isinstance(error, dict) else default
-
-
-def _check(response: httpx.Response) -> None:
-    """Raise the service's OpenAI-shaped error as a sentence, with its status."""
-    if response.is_success:
-        return
-    try:
-        message = _error_message(response.json(), response.reason_phrase)
-    except ValueError:
-        message = response.text[:300] or response.reason_phrase
-    hint = " Enter an API key under Settings." if response.status_code == 401 else ""
-    raise _ApiError(f"{message} (HTTP {response.status_code}).{hint}", response.status_code)
-
-
-# -- rendering ------------------------------------------------------------------------------
-
-
-def _fenced(text: str, lang: str) -> str:
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
-
-
-def _data_uri(data: dict[str, Any]) -> str | None:
-    """An image output as a data URI: it needs no request (nor API key) of the browser."""
-    for mime in ("image/png", "image/jpeg"):
-        if mime in data:
-            return f"data:{mime};base64,{''.join(str(data[mime]).split())}"
-    return None
-
-
-def _outputs_md(outputs: list[dict[str, Any]]) -> str:
-    """nbformat outputs as markdown: text in a fence, images inline, HTML (tables) as is."""
-    parts: list[str] = []
-    text: list[str] = []
-
-    def flush() -> None:
-        joined = _ANSI.sub("", "".join(text))
-        if joined.strip():
-            parts.append(_fenced(joined, "text"))
-        text.clear()
-
-    for output in outputs:
-        kind, data = output.get("output_type"), output.get("data") or {}
-        if kind == "stream":
-            text.append(str(output.get("text", "")))
-        elif kind == "error":
-            lines = output.get("traceback") or [f"{output.get('ename')}: {output.get('evalue')}"]
-            text.append("\n".join(lines) + "\n")
-        elif image := _data_uri(data):
-            flush()
-            parts.append(f"![output]({image})")
-        elif "text/html" in data:
-            flush()  # blank lines would end markdown's HTML block early
-            parts.append(re.sub(r"\n\s*\n", "\n", str(data["text/html"])).strip())
-        elif "text/plain" in data:
-            text.append(str(data["text/plain"]) + "\n")
-    flush()
-    return "\n\n".join(parts)
-
-
-def _execution_md(event: dict[str, Any]) -> str:
-    """One recorded tool call as the chat showed it: code, then its outputs."""
-    arguments = event.get("arguments") or {}
-    structured = event.get("structured") or {}
-    if event.get("name") != "execute_code":
-        return f"`{event.get('name')}` {json.dumps(arguments, ensure_ascii=False)[:200]}"
-    outputs = structured.get("outputs")
-    shown = _outputs_md(outputs) if outputs else _fenced(event.get("text", ""), "text")
-    notes = f"\n\n*{structured['message']}*" if structured.get("message") else ""
-    return f"{_fenced(str(arguments.get('code', '')), 'python')}\n\n{shown}{notes}"
-
-
-def _history(events: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """A session's recorded events as chat messages."""
-    messages: list[dict[str, str]] = []
-
-    def add(role: str, text: str) -> None:
-        if role == "assistant" and messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n\n" + text
-        elif text.strip():
-            messages.append({"role": role, "content": text})
-
-    for event in events:
-        kind = event.get("type")
-        if kind == "user":
-            add("user", str(event.get("content", "")))
-        elif kind == "assistant" and event.get("content"):
-            add("assistant", str(event["content"]))
-        elif kind == "tool_result" and event.get("direct"):
-            add("user", "*Ran in the kernel:*\n\n" + _execution_md(event))
-        elif kind == "tool_result":
-            add("assistant", _execution_md(event))
-        elif kind == "note":
-            add("assistant", f"> **Note:** {html.escape(str(event.get('text')), quote=False)}")
-        elif kind == "error":
-            add("assistant", f"**Error:** {html.escape(str(event.get('message')), quote=False)}")
-    return messages
-
-
-def _result_md(result: dict[str, Any]) -> str:
-    """The answer of POST /execute: status, then the outputs."""
-    head = f"*[{result.get('execution_count') or ' '}] {result.get('status')}*"
-    if result.get("message"):
-        head += f" · {result['message']}"
-    outputs = result.get("outputs") or []
-    body = _outputs_md(outputs) if outputs else _fenced(str(result.get("text") or ""), "text")
-    return f"{head}\n\n{body}"
-
-
-def _attach_md(info: dict[str, Any]) -> str:
-    command = info.get("console_command")
-    console = f"\n\nOr a terminal console:\n\n```sh\n.venv/bin/{command}\n```" if command else ""
-    return (
-        f"Kernel `{info.get('kernel_id')}`. In the repository, `make lab` opens JupyterLab "
-        f"with this kernel among its running kernels.{console}"
-    )
 
 
 # -- the page -------------------------------------------------------------------------------
+
+RUNNING = "Running… Stop interrupts the code it runs; the kernel keeps its variables."
+
+
+def _running(on: bool) -> tuple[Any, Any, Any]:
+    """The running line, the Send button and the Stop button, for a turn running or not."""
+    return (
+        gr.Markdown(RUNNING if on else ""),
+        gr.Button(visible=not on),
+        gr.Button("Stop", visible=on, interactive=on),
+    )
 
 
 class _Handlers:
@@ -258,8 +52,8 @@ class _Handlers:
         self.settings = settings
         self.downloads = Path(tempfile.mkdtemp(prefix="kernel-agent-ui-"))
 
-    def api(self, request: gr.Request, key: str | None) -> _Api:
-        return _Api(self.settings, request, key or "")
+    def api(self, request: gr.Request, key: str | None) -> ServiceApi:
+        return ServiceApi(self.settings, request, key or "")
 
     async def refresh_all(self, key: str | None, request: gr.Request) -> tuple[Any, ...]:
         """On load or a new key: the key (to show or save), the service line, models,
@@ -272,7 +66,7 @@ class _Handlers:
         async def get(path: str) -> Any:
             try:
                 return (await api.call("GET", path)).json()
-            except _ApiError as exc:
+            except ApiError as exc:
                 statuses.add(exc.status)
                 if exc.status != 404 and str(exc) not in notes:
                     notes.append(str(exc))
@@ -317,30 +111,47 @@ class _Handlers:
         """Stream one turn into the chat."""
         message, sid = (message or "").strip(), sid or uuid.uuid4().hex
         if not message:
-            yield gr.skip(), gr.skip(), gr.skip(), sid
+            yield gr.skip(), gr.skip(), gr.skip(), sid, *[gr.skip()] * 3
             return
         api = self.api(request, key)
         history = [*history, {"role": "user", "content": message}]
         # Only this first update empties the message box: what the user types meanwhile
-        # stays there, and is sent once this turn ends (trigger_mode "always_last").
-        yield "", [*history, {"role": "assistant", "content": ""}], "", sid
+        # stays there.
+        running, idle = _running(True), _running(False)
+        yield "", [*history, {"role": "assistant", "content": ""}], "", sid, *running
         text, images = "", dict[str, str]()
         try:
             async for delta in api.chat(sid, model or self.settings.model_alias, message):
                 text += delta
                 shown = await api.inline_images(text, images) if api.keyed else text
-                yield gr.skip(), [*history, {"role": "assistant", "content": shown}], "", sid
-        except _ApiError as exc:
+                chat = [*history, {"role": "assistant", "content": shown}]
+                yield gr.skip(), chat, "", sid, *[gr.skip()] * 3
+        except ApiError as exc:
             error = f"**Error:** {exc}"
             reply = f"{text}\n\n{error}" if text else error
-            yield gr.skip(), [*history, {"role": "assistant", "content": reply}], error, sid
+            chat = [*history, {"role": "assistant", "content": reply}]
+            yield gr.skip(), chat, error, sid, *idle
             return
         # The turn is saved: show it as recorded, with DataFrames as tables, not text.
         try:
             record = (await api.call("GET", f"/v1/sessions/{sid}")).json()
-        except _ApiError:
-            return  # keep the streamed text
-        yield gr.skip(), _history(record.get("events", [])), "", sid
+        except ApiError:
+            yield gr.skip(), gr.skip(), gr.skip(), sid, *idle  # keep the streamed text
+            return
+        yield gr.skip(), chat_messages(record.get("events", [])), "", sid, *idle
+
+    async def stop(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
+        """Ask the service to stop the session's running turn; the stream then ends.
+
+        Only the button says so: this answer may come after the turn has ended.
+        """
+        if not sid:
+            return gr.skip(), gr.skip()
+        try:
+            await self.api(request, key).call("POST", f"/v1/sessions/{sid}/interrupt")
+        except ApiError as exc:
+            return gr.skip(), f"**Error:** {exc}"
+        return gr.Button("Stopping…", interactive=False), gr.skip()
 
     async def run_code(self, code: str, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
         """Run the code box in the session's kernel, without the model."""
@@ -351,61 +162,156 @@ class _Handlers:
             response = await self.api(request, key).call(
                 "POST", f"/v1/sessions/{sid}/execute", json={"code": code}, long=True
             )
-        except _ApiError as exc:
+        except ApiError as exc:
             return f"**Error:** {exc}", f"**Error:** {exc}", sid
-        return _result_md(response.json()), "", sid
+        return result_md(response.json()), "", sid
 
     async def open_session(self, chosen: str, key: str, request: gr.Request) -> tuple[Any, ...]:
         """Show a past session's history and make it the current one."""
         if not chosen:
-            return gr.skip(), gr.skip(), "", ""
+            return gr.skip(), gr.skip(), "", "", *_running(False)
         try:
             record = (await self.api(request, key).call("GET", f"/v1/sessions/{chosen}")).json()
-        except _ApiError as exc:
-            return gr.skip(), gr.skip(), f"**Error:** {exc}", ""
+        except ApiError as exc:
+            return gr.skip(), gr.skip(), f"**Error:** {exc}", "", *_running(False)
         busy = "This session is running a turn right now." if record.get("busy") else ""
-        return chosen, _history(record.get("events", [])), busy, ""
+        return chosen, chat_messages(record.get("events", [])), busy, "", *_running(False)
 
     async def new_session(self) -> tuple[Any, ...]:
         """A session exists from its first message or code run; until then it has no id."""
-        return "", [], "", "", ""
+        return "", [], "", "", "", *_running(False)
+
+    async def ask_delete(self, sid: str) -> tuple[Any, ...]:
+        """Show the confirmation of Delete, naming what goes."""
+        if not sid:
+            return gr.skip(), gr.skip()
+        question = (
+            f"Delete session `{sid[:8]}`? Its transcript, notebook, kernel and files are "
+            "removed for good."
+        )
+        return gr.Group(visible=True), question
 
     async def delete_session(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
+        hidden = gr.Group(visible=False)
         if not sid:
-            return gr.skip(), gr.skip(), "Nothing to delete: this session has not started.", ""
+            return (
+                gr.skip(),
+                gr.skip(),
+                "Nothing to delete: this session has not started.",
+                "",
+                hidden,
+            )
         try:
             await self.api(request, key).call("DELETE", f"/v1/sessions/{sid}")
-        except _ApiError as exc:
-            return gr.skip(), gr.skip(), f"**Error:** {exc}", gr.skip()
-        return "", [], f"Deleted session `{sid}`.", ""
+        except ApiError as exc:
+            return gr.skip(), gr.skip(), f"**Error:** {exc}", gr.skip(), hidden
+        return "", [], f"Deleted session `{sid}`.", "", hidden
 
     async def attach(self, sid: str, key: str, request: gr.Request) -> str:
         if not sid:
             return "Send a message or run code first: that starts this session's kernel."
         try:
             info = (await self.api(request, key).call("GET", f"/v1/sessions/{sid}/kernel")).json()
-        except _ApiError as exc:
+        except ApiError as exc:
             return f"**Error:** {exc}"
-        return _attach_md(info)
+        return attach_md(info)
 
     async def refresh(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
-        """The session list and the notebook download, after anything that changed them."""
+        """The session list, the notebook download and the session's files, after anything
+        that changed them."""
         api = self.api(request, key)
-        try:
-            sessions = (await api.call("GET", "/v1/sessions")).json()
-        except _ApiError:
-            sessions = None
-        nothing = gr.DownloadButton(value=None, interactive=False)
-        if not sid:
-            return _session_choices(sessions, sid), nothing
-        try:
-            response = await api.call("GET", f"/v1/sessions/{sid}/notebook")
-        except _ApiError:  # not recorded yet
-            return _session_choices(sessions, sid), nothing
+
+        async def get(path: str) -> httpx.Response | None:
+            try:
+                return await api.call("GET", path)
+            except ApiError:  # no such session (yet), or the service is away
+                return None
+
+        sessions, notebook, listed = await asyncio.gather(
+            get("/v1/sessions"),
+            get(f"/v1/sessions/{sid}/notebook") if sid else asyncio.sleep(0),
+            get(f"/v1/sessions/{sid}/files") if sid else asyncio.sleep(0),
+        )
+        choices = _session_choices(sessions.json() if sessions else None, sid)
+        files = _file_choices(listed.json().get("data", []) if listed else [])
+        if notebook is None:
+            return choices, gr.DownloadButton(value=None, interactive=False), *files
         path = self.downloads / sid / f"{sid}.ipynb"  # the name the browser saves it as
         path.parent.mkdir(exist_ok=True)
-        await asyncio.to_thread(path.write_bytes, response.content)
-        return _session_choices(sessions, sid), gr.DownloadButton(value=str(path), interactive=True)
+        await asyncio.to_thread(path.write_bytes, notebook.content)
+        return choices, gr.DownloadButton(value=str(path), interactive=True), *files
+
+    async def upload(
+        self, paths: list[str] | None, sid: str, key: str, request: gr.Request
+    ) -> tuple[Any, ...]:
+        """Files picked or dropped on the chat, into the session folder (made if new)."""
+        if not paths:
+            return gr.skip(), sid, gr.skip()
+        sid = sid or uuid.uuid4().hex
+        try:
+            saved = await self.api(request, key).upload(sid, [Path(p) for p in paths])
+        except ApiError as exc:
+            return None, sid, f"**Error:** {exc}"
+        names = ", ".join(f"`{f['path']}`" for f in saved)
+        return None, sid, f"Added {names}: the agent hears of it with your next message."
+
+    async def pick_file(
+        self, path: str | None, sid: str, key: str, request: gr.Request
+    ) -> tuple[Any, ...]:
+        """A file chosen in the list: fetched, ready to download or delete."""
+        if not path or not sid:
+            return *_file_actions(None), gr.skip()
+        # gradio serves a copy from its cache: earlier picks need not stay on disk here
+        picks = self.downloads / sid / "files"
+        await asyncio.to_thread(shutil.rmtree, picks, True)
+        target = picks / uuid.uuid4().hex / Path(path).name  # the name the browser saves
+        target.parent.mkdir(parents=True)
+        try:
+            await self.api(request, key).download(
+                f"/v1/sessions/{sid}/files/{quote(path, safe='/')}", target
+            )
+        except ApiError as exc:
+            return *_file_actions(None), f"**Error:** {exc}"
+        return *_file_actions(str(target)), ""
+
+    async def delete_file(self, path: str | None, sid: str, key: str, request: gr.Request) -> str:
+        if not path or not sid:
+            return ""
+        try:
+            await self.api(request, key).call(
+                "DELETE", f"/v1/sessions/{sid}/files/{quote(path, safe='/')}"
+            )
+        except ApiError as exc:
+            return f"**Error:** {exc}"
+        return f"Deleted `{path}`."
+
+
+def _file_actions(downloaded: str | None) -> tuple[Any, Any]:
+    """The Download and Delete buttons of the chosen file (none chosen: both off)."""
+    return (
+        gr.DownloadButton(value=downloaded, interactive=downloaded is not None),
+        gr.Button(interactive=downloaded is not None),
+    )
+
+
+NO_FILES = "No files yet: drop files on the chat or pick them here."
+
+
+def _file_choices(files: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """The Files panel: its list (nothing chosen), a line about it, and its buttons.
+
+    Hidden files and folders (caches libraries keep in their home, the session folder)
+    are left out.
+    """
+    shown = [
+        f
+        for f in files
+        if f.get("type", "file") == "file"
+        and not any(part.startswith(".") for part in str(f["path"]).split("/"))
+    ]
+    choices = [(f"{f['path']} · {size_text(int(f.get('size') or 0))}", f["path"]) for f in shown]
+    hint = "" if shown else NO_FILES
+    return gr.Radio(choices=choices, value=None), hint, *_file_actions(None)
 
 
 def _session_choices(sessions: Any, current: str | None) -> Any:
@@ -419,6 +325,49 @@ def _status(notes: list[str]) -> str:
     return "\n\n".join(f"**{n}**" for n in notes)
 
 
+# The chat fills the window below the header and above the message box; the page itself
+# does not scroll for it.
+CSS = """
+#chat { height: calc(100vh - 270px) !important; min-height: 320px; }
+#header { align-items: baseline; }
+#header h2 { margin: 0; }
+#about { text-align: right; }
+#turn-state { min-height: 1.4em; }
+#turn-state p { margin: 0; color: var(--body-text-color-subdued); }
+#turn-state p::before {
+  content: ""; display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.5em;
+  vertical-align: -0.1em; border: 2px solid currentColor; border-right-color: transparent;
+  border-radius: 50%; animation: kernel-agent-spin 0.9s linear infinite;
+}
+@keyframes kernel-agent-spin { to { transform: rotate(360deg); } }
+#chat.dropping { outline: 2px dashed var(--color-accent); outline-offset: -6px; }
+"""
+# Files dropped on the chat go to the Files panel's upload field, as if picked there.
+JS = """
+() => {
+  const chat = () => document.getElementById("chat");
+  const carriesFiles = (e) => [...(e.dataTransfer?.types || [])].includes("Files");
+  document.addEventListener("dragover", (e) => {
+    if (!carriesFiles(e) || !chat()?.contains(e.target)) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = "copy";
+    chat().classList.add("dropping");
+  });
+  document.addEventListener("dragleave", (e) => {
+    if (!chat()?.contains(e.relatedTarget)) chat()?.classList.remove("dropping");
+  });
+  document.addEventListener("drop", (e) => {
+    chat()?.classList.remove("dropping");
+    const input = document.querySelector("#upload input[type=file]");
+    if (!chat()?.contains(e.target) || !e.dataTransfer?.files.length || !input) return;
+    e.preventDefault();
+    input.files = e.dataTransfer.files;
+    input.dispatchEvent(new Event("change", { bubbles: true }));
+  });
+}
+"""
+
+
 def build_ui(settings: Settings) -> gr.Blocks:
     """The page: chat, code box, sessions, model and key, skills."""
     h = _Handlers(settings)
@@ -426,18 +375,45 @@ def build_ui(settings: Settings) -> gr.Blocks:
     with page:
         sid = gr.State("")
         saved_key = gr.BrowserState("", storage_key="kernel-agent-api-key")
-        gr.Markdown("## kernel-agent\nAn agent that computes in a live Jupyter kernel.")
-        about = gr.Markdown(elem_id="about")
+        with gr.Row(elem_id="header"):
+            gr.Markdown("## kernel-agent", elem_id="title")
+            about = gr.Markdown(elem_id="about")
         status = gr.Markdown(elem_id="status")
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
                 sessions = gr.Dropdown(label="Sessions", choices=[], elem_id="sessions")
                 with gr.Row():
                     new = gr.Button("New session", size="sm", elem_id="new-session")
-                    delete = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
+                    # Enabled once a session is selected; asks before it deletes.
+                    delete = gr.Button(
+                        "Delete", size="sm", variant="stop", interactive=False, elem_id="delete"
+                    )
+                with gr.Group(visible=False, elem_id="delete-confirm") as confirm:
+                    question = gr.Markdown(elem_id="delete-question", padding=True)
+                    with gr.Row():
+                        confirmed = gr.Button(
+                            "Delete", size="sm", variant="stop", min_width=80, elem_id="delete-yes"
+                        )
+                        cancel = gr.Button("Keep it", size="sm", min_width=80, elem_id="delete-no")
                 download = gr.DownloadButton(
                     "Download notebook", size="sm", interactive=False, elem_id="download"
                 )
+                with gr.Accordion("Files", open=True, elem_id="files"):
+                    upload = gr.File(
+                        label="Add files (or drop them on the chat)",
+                        file_count="multiple",
+                        height=140,
+                        elem_id="upload",
+                    )
+                    files_hint = gr.Markdown(NO_FILES, elem_id="files-hint")
+                    file_list = gr.Radio(choices=[], show_label=False, elem_id="file-list")
+                    with gr.Row():
+                        file_download = gr.DownloadButton(
+                            "Download", size="sm", interactive=False, elem_id="file-download"
+                        )
+                        file_delete = gr.Button(
+                            "Delete file", size="sm", interactive=False, elem_id="file-delete"
+                        )
                 with gr.Accordion("Attach JupyterLab", open=False):
                     attach = gr.Button("Show this session's kernel", size="sm", elem_id="attach")
                     attach_info = gr.Markdown(elem_id="attach-info")
@@ -455,58 +431,87 @@ def build_ui(settings: Settings) -> gr.Blocks:
                 chat = gr.Chatbot(
                     show_label=False,
                     elem_id="chat",
-                    height=520,
                     feedback_options=None,
                     buttons=["copy"],
                 )
-                with gr.Row():
+                running = gr.Markdown(elem_id="turn-state")  # empty unless a turn runs
+                with gr.Row(equal_height=True):
+                    # One line that grows: Enter sends, Shift+Enter starts a new line.
                     message = gr.Textbox(
-                        show_label=False, placeholder="Ask the agent…", scale=5, elem_id="message"
+                        show_label=False,
+                        placeholder="Ask the agent… (Enter sends, Shift+Enter starts a new line)",
+                        lines=1,
+                        max_lines=8,
+                        scale=5,
+                        elem_id="message",
                     )
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                with gr.Accordion("Run Python in this session's kernel", open=True):
+                    stop = gr.Button("Stop", variant="stop", scale=1, visible=False, elem_id="stop")
+                with gr.Accordion("Run Python in this session's kernel", open=False):
                     code = gr.Code(language="python", lines=4, show_label=False, elem_id="code")
                     run = gr.Button("Run", size="sm", elem_id="run")
                     code_output = gr.Markdown(elem_id="code-output")
 
         quick: dict[str, Any] = {"concurrency_limit": None, "show_progress": "hidden"}
-        after = {"fn": h.refresh, "inputs": [sid, key], "outputs": [sessions, download], **quick}
+        panel = [file_list, files_hint, file_download, file_delete]
+        after = {
+            "fn": h.refresh,
+            "inputs": [sid, key],
+            "outputs": [sessions, download, *panel],
+            **quick,
+        }
         overview = [key, about, model, sessions, skills, status, settings_panel]
+        turn_state = [running, send, stop]
         page.load(h.refresh_all, [saved_key], overview, **quick)
         gr.on([key.submit, key.blur], h.refresh_all, [key], [saved_key, *overview[1:]], **quick)
         sent = gr.on(
             [send.click, message.submit],
             h.send,
             [message, chat, sid, model, key],
-            [message, chat, status, sid],
-            concurrency_limit=None,
-            # A message sent before the turn on the page has ended (its saved record shows
-            # after its last words) runs next instead of being dropped ("once").
-            trigger_mode="always_last",
+            [message, chat, status, sid, *turn_state],
+            # A message sent while the last one still finishes is sent (the service answers
+            # 409 if its turn still runs), never dropped without a word.
+            trigger_mode="multiple",
+            **quick,
         )
         sent.then(**after)
+        stop.click(h.stop, [sid, key], [stop, status], **quick)
         run.click(
             h.run_code, [code, sid, key], [code_output, status, sid], concurrency_limit=None
         ).then(**after)
+        # Delete is for the session shown, and only once it exists.
+        sid.change(
+            lambda current: (gr.Button(interactive=bool(current)), gr.Group(visible=False)),
+            [sid],
+            [delete, confirm],
+            **quick,
+        )
+        delete.click(h.ask_delete, [sid], [confirm, question], **quick)
+        cancel.click(lambda: gr.Group(visible=False), None, [confirm], **quick)
         # Leaving a session stops showing its stream; the turn itself runs on in the service.
         sessions.input(
             h.open_session,
             [sessions, key],
-            [sid, chat, status, attach_info],
+            [sid, chat, status, attach_info, *turn_state],
             cancels=[sent],
             **quick,
         ).then(**after)
         new.click(
             h.new_session,
             None,
-            [sid, chat, status, attach_info, code_output],
+            [sid, chat, status, attach_info, code_output, *turn_state],
             cancels=[sent],
             **quick,
         ).then(**after)
-        delete.click(h.delete_session, [sid, key], [sid, chat, status, attach_info], **quick).then(
-            **after
-        )
+        confirmed.click(
+            h.delete_session, [sid, key], [sid, chat, status, attach_info, confirm], **quick
+        ).then(**after)
         attach.click(h.attach, [sid, key], [attach_info], **quick)
+        upload.upload(h.upload, [upload, sid, key], [upload, sid, status], **quick).then(**after)
+        file_list.input(
+            h.pick_file, [file_list, sid, key], [file_download, file_delete, status], **quick
+        )
+        file_delete.click(h.delete_file, [file_list, sid, key], [status], **quick).then(**after)
     weakref.finalize(page, shutil.rmtree, h.downloads, True)
     return page
 
@@ -521,6 +526,8 @@ def mount_ui(app: FastAPI, settings: Settings) -> None:
         run_history=False,
         ssr_mode=False,
         mcp_server=False,
+        css=CSS,
+        js=JS,
         show_error=False,
     )
     logger.info("web UI at %s", MOUNT_PATH)

@@ -12,6 +12,9 @@
 - **Prompt cache.** A clear is a `NOTIFY` on one channel; every replica `LISTEN`s on a
   connection of its own and drops its prompt when told, and again whenever it had to
   reconnect (it may have missed a notification meanwhile).
+- **Stop.** `POST .../interrupt` on a replica whose turn registry does not run the session,
+  while some replica holds its turn lock, is a `NOTIFY` on a second channel with the session
+  id; the replica running that turn stops it (the others find nothing to stop).
 - **Members.** Each replica writes its prompt cache's state to `replicas` when it changes
   and every `AGENT_REPLICA_HEARTBEAT` seconds; `/admin/cache-stats` lists the rows written
   within three heartbeats, by the database's clock.
@@ -39,6 +42,7 @@ from .store import PostgresStore
 logger = logging.getLogger(__name__)
 
 CHANNEL = "kernel_agent_prompt_cache"
+STOP_CHANNEL = "kernel_agent_stop_turn"
 _KEEPALIVES = (
     # Server side: a lock held by a host that vanished is freed within about a minute.
     "SET tcp_keepalives_idle = 30",
@@ -127,14 +131,21 @@ class PostgresReplicas:
         )
         self._started = time.time()
         self._clear_local: Callable[[], None] = lambda: None
+        self._stop_local: Callable[[str], bool] = lambda session_id: False
         self._stats: PromptStats = dict
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._taken = 0
         """Lock connections out of the pool: held by turns, or asking for their lock."""
 
-    async def start(self, clear_local: Callable[[], None], stats: PromptStats) -> None:
+    async def start(
+        self,
+        clear_local: Callable[[], None],
+        stats: PromptStats,
+        stop_local: Callable[[str], bool],
+    ) -> None:
         self._clear_local = clear_local
+        self._stop_local = stop_local
         self._stats = stats
         await self._locks.open(wait=False)
         await self._misc.open(wait=True, timeout=self._timeout)
@@ -218,6 +229,10 @@ class PostgresReplicas:
         async with self._db() as conn:
             await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.name))
 
+    async def stop_turn(self, session_id: str) -> None:
+        async with self._db() as conn:
+            await conn.execute("SELECT pg_notify(%s, %s)", (STOP_CHANNEL, session_id))
+
     def changed(self) -> None:
         self._dirty.set()
 
@@ -283,6 +298,7 @@ class PostgresReplicas:
         )
         try:
             await conn.execute(f"LISTEN {CHANNEL}")
+            await conn.execute(f"LISTEN {STOP_CHANNEL}")
         except BaseException:
             await conn.close()
             raise
@@ -299,7 +315,12 @@ class PostgresReplicas:
                     self._clear_local()  # a clear may have come while we were away
                     delay = _RECONNECT_DELAY[0]
                 async for note in conn.notifies():
-                    if note.payload != self.name:
+                    if note.channel == STOP_CHANNEL:
+                        if self._stop_local(note.payload):
+                            logger.info(
+                                "session %s: stop asked through another replica", note.payload
+                            )
+                    elif note.payload != self.name:
                         logger.info("prompt cache cleared by replica %s", note.payload)
                         self._clear_local()
             except psycopg.Error as exc:

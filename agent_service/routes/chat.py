@@ -34,6 +34,7 @@ from ..schemas import ChatCompletionRequest, ChatMessage, Completion
 from ..security import Principal
 from ..services import Services
 from ..store import NewEvent, TranscriptStore
+from ..titles import session_title
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ async def chat(request: Request, svc: Svc, caller: Caller) -> Response:
         await svc.agent.run_turn(spec, emit)
 
     try:
-        queue = await svc.turns.start(sid, run)
+        queue = await svc.turns.start(sid, run, stop=spec.stop)
     except SessionBusy as exc:  # a turn began meanwhile, here or on another replica
         return error_response(exc, headers)
     completion = Completion(body.model)
@@ -254,7 +255,7 @@ def _record_request(
         store.create_session(sid, body.model, caller.owner)
         record = caller.visible(store.get_session(sid), sid)  # another key may have won
         first_user = next(m.text() for m in body.messages if m.role == "user")
-        store.update_session(sid, title=first_user.strip()[:80])
+        store.update_session(sid, title=session_title(first_user))
         events: list[NewEvent] = []
         turn = 0
         for message in body.messages[:-1]:
@@ -271,6 +272,8 @@ def _record_request(
         record = store.get_session(sid)
     else:
         caller.visible(record, sid)
+        if not record.title:  # made by an upload: named by its first message
+            store.update_session(sid, title=session_title(body.messages[-1].text()))
     if system and record is not None and system != record.client_system:
         store.update_session(sid, client_system=system)
 

@@ -1,4 +1,4 @@
-"""Sessions: list, read, delete, run code, notebook, kernel, image outputs."""
+"""Sessions: list, read, delete, run code, interrupt, notebook, kernel, image outputs."""
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations.
 
@@ -20,6 +20,7 @@ from ..schemas import ExecuteRequest
 from ..security import Principal
 from ..services import Services
 from ..store import SessionRecord
+from ..titles import session_title
 from .chat import error_response
 
 logger = logging.getLogger(__name__)
@@ -95,20 +96,24 @@ async def execute(
     if record is None:
         svc.store.create_session(session_id, svc.settings.model_alias, caller.owner)
         caller.visible(svc.store.get_session(session_id), session_id)
-        first_line = (body.code.strip().splitlines() or ["(code)"])[0]
-        svc.store.update_session(session_id, title=first_line[:80])
+    if record is None or not record.title:  # new, or made by an upload
+        title = session_title(body.code, markdown=False) or "(code)"
+        svc.store.update_session(session_id, title=title)
     done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
 
     async def run(_emit: Any) -> None:
         try:
-            done.set_result(await svc.agent.execute_direct(session_id, body.code, body.timeout))
+            done.set_result(
+                await svc.agent.execute_direct(session_id, body.code, body.timeout, stop)
+            )
         except BaseException as exc:
             done.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
 
     try:
-        await svc.turns.start(session_id, run)  # the session is busy while the code runs
+        await svc.turns.start(session_id, run, stop=stop)  # busy while the code runs
     except SessionBusy as exc:  # a turn began meanwhile, here or on another replica
         return error_response(exc, headers)
     event_id, outcome = await asyncio.shield(done)
@@ -131,6 +136,24 @@ async def execute(
         },
         headers=headers,
     )
+
+
+@router.post("/{session_id}/interrupt")
+async def interrupt(session_id: str, svc: Svc, caller: Caller) -> dict[str, Any]:
+    """Stop the session's running turn (or code run): the kernel is interrupted, its
+    variables kept, and the turn ends without calling the model again.
+
+    `interrupted` is false when nothing was running; the kernel is then left alone.
+    """
+    _visible(svc, caller, session_id)
+    stopping = svc.turns.stop(session_id)
+    if not stopping and await svc.replicas.held(session_id):
+        # Another replica runs the turn (PostgreSQL): it hears the stop and acts on it.
+        await svc.replicas.stop_turn(session_id)
+        stopping = True
+    if stopping:
+        logger.info("session %s: stop asked", session_id)
+    return {"id": session_id, "object": "session", "interrupted": stopping}
 
 
 @router.get("/{session_id}/notebook")

@@ -295,3 +295,33 @@ async def test_connections_the_server_cuts_are_replaced(
             return (await on_b.get("/admin/cache-stats")).json()["cached"] is False
 
         await until(b_dropped, "B, listening again, dropped its prompt")
+
+
+async def test_stop_through_b_stops_the_turn_running_on_a(
+    stack: Stack, replica_b: ServerThread
+) -> None:
+    # A load balancer sends the page's Stop to whichever replica it likes.
+    code = "x = 41\nimport time\nprint('sleeping', flush=True)\ntime.sleep(600)"
+    stack.llm.script(ToolCall("execute_code", {"code": code}))  # and no answer after it
+    client = stack.new_async_client(max_retries=0)
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "sleep a long time"}],
+        stream=True,
+        extra_headers={"X-Session-Id": "stop-ab"},
+    )
+    content = ""
+    async for chunk in stream:
+        content += "".join(c.delta.content or "" for c in chunk.choices)
+        if "sleeping" in content:
+            break
+    async with httpx.AsyncClient(base_url=replica_b.url, timeout=60) as http:
+        stopped = await http.post("/v1/sessions/stop-ab/interrupt")
+    assert stopped.json()["interrupted"] is True, "B reaches the turn A runs"
+    async for chunk in stream:
+        content += "".join(c.delta.content or "" for c in chunk.choices)
+    assert "KeyboardInterrupt" in content
+    assert "Stopped: you stopped this turn." in content
+    assert len(stack.llm.requests) == 1, "the model was not asked to go on"
+    stack.llm.script(ToolCall("execute_code", {"code": "print(x + 1)"}), Text("Still here."))
+    assert "42" in await turn(replica_b.url, "stop-ab", "is x still there?")

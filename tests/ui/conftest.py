@@ -60,8 +60,21 @@ class Ui:
 
     async def run_code(self, code: str) -> None:
         editor = self.page.locator("#code .cm-content")
+        if not await editor.is_visible():  # the code box's panel starts closed
+            panel = self.page.get_by_role("button", name="Run Python in this session's kernel")
+            await self.check("the code box opens", panel.click())
         await self.check("the code box takes code", editor.fill(code))
         await self.page.locator("#run").click()
+
+    async def idle(self) -> None:
+        """The page shows no running turn: its running line and Stop button are gone."""
+        await self.check(
+            "the turn ends",
+            expect(self.page.locator("#stop")).to_be_hidden(timeout=TIMEOUT_MS),
+        )
+        await self.check(
+            "Send is back", expect(self.page.locator("#send")).to_be_visible(timeout=TIMEOUT_MS)
+        )
 
     async def see(self, selector: str, text: str | re.Pattern[str]) -> None:
         """`selector` shows `text` within the timeout."""
