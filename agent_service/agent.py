@@ -39,7 +39,7 @@ from .context import (
 from .conversation import extend_digest
 from .errors import ContextTooLarge, KernelServiceError, ProviderError, ServiceError
 from .exporter import NotebookExporter
-from .files import KernelFiles, SavedFile, SessionFile, upload_note
+from .files import KernelFiles, SavedFile, SessionFile, size_text, upload_note
 from .kernel_client import KernelClient, KernelSession, ProgressHandler, ToolOutcome
 from .llm import ModelAdapter, ModelParams, ModelReply, TextDelta, ToolCallRequest
 from .prompt_cache import PromptCache
@@ -97,17 +97,6 @@ _WRITING_TOOLS = frozenset({"execute_code", "write_file"})
 def _shown(entry: SessionFile) -> bool:
     """Files a turn reports: not symlinks, nothing hidden (`.outputs/`, dot files)."""
     return entry.type == "file" and not any(p.startswith(".") for p in entry.path.split("/"))
-
-
-def _size(size: int) -> str:
-    if size < 1000:
-        return f"{size:,} bytes"
-    value = float(size)
-    for unit in ("KB", "MB", "GB"):
-        value /= 1000
-        if value < 1000 or unit == "GB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 def _link_text(path: str) -> str:
@@ -696,7 +685,7 @@ class Agent:
         if not written:
             return
         lines = "\n".join(
-            f"- [{_link_text(f['path'])}]({t.spec.file_url(f['path'])}) ({_size(f['size'])})"
+            f"- [{_link_text(f['path'])}]({t.spec.file_url(f['path'])}) ({size_text(f['size'])})"
             for f in written
         )
         text = f"**Files written in this turn:**\n{lines}\n"

@@ -416,3 +416,13 @@ def _extension(mime: str) -> str:
     if mime == "image/jpeg":
         return ".jpg"
     return mimetypes.guess_extension(mime, strict=False) or ""
+
+
+def size_text(size: int) -> str:
+    """A byte count for people (24 bytes, 22.9 KB), in the decimal units the replies use."""
+    value, unit = float(size), "bytes"
+    for larger in ("KB", "MB", "GB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, larger
+    return f"{size:,} bytes" if unit == "bytes" else f"{value:.1f} {unit}"

@@ -23,8 +23,9 @@ import httpx
 from fastapi import FastAPI
 
 from .config import Settings
+from .files import size_text
 from .ui_api import ApiError, ServiceApi
-from .ui_markdown import attach_md, chat_messages, result_md, size_text
+from .ui_markdown import attach_md, chat_messages, result_md
 
 logger = logging.getLogger(__name__)
 

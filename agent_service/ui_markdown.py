@@ -7,6 +7,8 @@ import json
 import re
 from typing import Any
 
+from .files import size_text
+
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
@@ -116,13 +118,3 @@ def attach_md(info: dict[str, Any]) -> str:
         f"Kernel `{info.get('kernel_id')}`. In the repository, `make lab` opens JupyterLab "
         f"with this kernel among its running kernels.{console}"
     )
-
-
-def size_text(size: int) -> str:
-    """A byte count for people (24 bytes, 22.9 KB), in the decimal units the replies use."""
-    value, unit = float(size), "bytes"
-    for larger in ("KB", "MB", "GB"):
-        if value < 1000:
-            break
-        value, unit = value / 1000, larger
-    return f"{size:,} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
