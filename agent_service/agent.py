@@ -670,6 +670,15 @@ class Agent:
             return None
         return {f.path: (f.size, f.modified) for f in listing.files if _shown(f)}
 
+    def _uploaded_in(self, sid: str, turn: int) -> dict[str, int]:
+        """Files uploaded while turn `turn` ran (path: size): the user's, not its code's."""
+        return {
+            str(f["path"]): int(f["size"])
+            for e in self.store.events(sid, heavy=False)
+            if e.turn == turn and e.type == "note" and e.data.get("kind") == "files_uploaded"
+            for f in e.data.get("files", [])
+        }
+
     async def _report_files(self, t: _Turn) -> None:
         """List the files this turn's code wrote at the end of its reply, with links."""
         if t.files_before is None or t.spec.file_url is None:
@@ -682,6 +691,9 @@ class Agent:
             for path, (size, modified) in sorted(after.items())
             if t.files_before.get(path) != (size, modified)
         ]
+        if written:
+            uploaded = await asyncio.to_thread(self._uploaded_in, t.sid, t.turn)
+            written = [f for f in written if uploaded.get(f["path"]) != f["size"]]
         if not written:
             return
         lines = "\n".join(

@@ -534,3 +534,32 @@ async def test_a_turn_whose_folder_could_not_be_listed_claims_no_files(
     assert calls == 1, "not listed again at the end: nothing to compare with"
     assert "Files written" not in reply.choices[0].message.content
     assert reply.choices[0].message.content.endswith("Wrote it.")
+
+
+async def test_a_file_uploaded_during_a_turn_is_not_listed_as_written_by_it(
+    stack: Stack,
+) -> None:
+    gate = Gate()
+    stack.llm.script(
+        ToolCall("execute_code", {"code": "open('out.txt', 'w').write('x')"}),
+        Hold(gate, Text("Wrote it.")),
+    )
+    client = stack.new_async_client()
+    turn = asyncio.create_task(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "write a file"}],
+            extra_headers={"X-Session-Id": "during-2"},
+        )
+    )
+    await stack.llm.wait_for_requests(2)  # the code ran; the model holds its answer
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        uploaded = await http.post(
+            "/v1/sessions/during-2/files", files=[("files", ("late.csv", b"a\n1\n"))]
+        )
+        assert uploaded.status_code == 201, uploaded.text
+    gate.open()
+    content = (await turn).choices[0].message.content
+    written = content.split("**Files written in this turn:**")[1]
+    assert "[out.txt](" in written
+    assert "late.csv" not in written, "the user's upload, not the turn's code"
