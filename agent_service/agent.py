@@ -672,12 +672,13 @@ class Agent:
 
     def _uploaded_in(self, sid: str, turn: int) -> dict[str, int]:
         """Files uploaded while turn `turn` ran (path: size): the user's, not its code's."""
-        return {
-            str(f["path"]): int(f["size"])
-            for e in self.store.events(sid, heavy=False)
-            if e.turn == turn and e.type == "note" and e.data.get("kind") == "files_uploaded"
-            for f in e.data.get("files", [])
-        }
+        uploaded: dict[str, int] = {}
+        for e in self.store.newest_events(sid, before_turn=turn + 1):  # this turn's alone
+            if e.turn < turn:
+                break
+            if e.type == "note" and e.data.get("kind") == "files_uploaded":
+                uploaded.update((str(f["path"]), int(f["size"])) for f in e.data.get("files", []))
+        return uploaded
 
     async def _report_files(self, t: _Turn) -> None:
         """List the files this turn's code wrote at the end of its reply, with links."""
