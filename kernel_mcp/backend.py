@@ -155,6 +155,11 @@ class KernelBackend(abc.ABC):
         """Held around each call on a session; a shared backend serializes them across replicas."""
         return contextlib.nullcontext()
 
+    async def shut_session_kernel(self, session_id: str) -> bool:
+        """Shut down the session's kernel held by no kernel of this replica (a shared backend:
+        another replica's, or one this replica let go). Hold `session_guard(session_id)`."""
+        return False
+
     async def find_kernel(self, session_id: str, cwd: Path) -> KernelConnection | None:
         """The session's kernel already running, for a shared backend (another replica may
         have started it); None: claim a pooled one or open a new one."""

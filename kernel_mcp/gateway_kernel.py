@@ -578,6 +578,18 @@ class GatewayBackend(KernelBackend):
         logger.info("session %s: kernel %s found", session_id, kernel_id)
         return kernel
 
+    async def shut_session_kernel(self, session_id: str) -> bool:
+        kernel_id = await self._shared_kernel(session_id)
+        if kernel_id is None:
+            return False
+        record = self._record(session_id)
+        known = record.read() or {}
+        await self.delete(kernel_id)
+        # Shut down on purpose: the next kernel starts without a notice, in a new generation.
+        record.write({"kernel_id": kernel_id, "generation": int(known.get("generation", 0))})
+        logger.info("session %s: kernel %s shut down through REST", session_id, kernel_id)
+        return True
+
     async def interrupt_session(self, session_id: str) -> bool:
         kernel_id = await self._shared_kernel(session_id)
         if kernel_id is None:

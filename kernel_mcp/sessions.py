@@ -217,12 +217,15 @@ class SessionManager:
         """Shut the session's kernel down (after any running call) and forget it."""
         session = self._sessions.get(session_id)
         if session is None:
-            return False
+            # Shared: another replica's kernel, or one this replica let go, may still run.
+            async with self._backend.session_guard(session_id):
+                return await self._backend.shut_session_kernel(session_id)
         async with session.lock, self._backend.session_guard(session_id):
             session.closed = True  # calls queued on this session start over on a new one
             if self._sessions.get(session_id) is session:
                 del self._sessions[session_id]
             await self._retire(session, None)
+            await self._backend.shut_session_kernel(session_id)  # if this replica had none
         return True
 
     async def delete_session(self, session_id: str) -> bool:

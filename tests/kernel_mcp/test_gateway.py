@@ -181,6 +181,22 @@ async def test_a_warm_kernel_serves_a_session_on_every_replica(start_manager: An
 
 
 @ON_EG
+async def test_a_session_deleted_through_another_replica_starts_empty(
+    start_manager: Any, gateway: Gateway
+) -> None:
+    one: SessionManager = await start_manager(pool_size=1)
+    two: SessionManager = await start_manager()
+    await one.execute("s1", "secret = 'of the deleted session'")
+    old = (await one.kernel_info("s1")).kernel_id
+    await two.delete_session("s1")  # a replica that never ran it
+    assert old not in await gateway.kernels(), "its kernel is gone from the gateway"
+    three: SessionManager = await start_manager()
+    result = await three.execute("s1", "'secret' in globals()")
+    assert plain_of(result.outputs) == "False", "a new session of that id starts empty"
+    assert not result.state_lost, "deleted on purpose: nobody is told"
+
+
+@ON_EG
 async def test_a_record_naming_another_process_costs_one_handshake(start_manager: Any) -> None:
     """What a replica does after another replica's restart, without the race of one."""
     one: SessionManager = await start_manager()
