@@ -495,7 +495,12 @@ class Agent:
     def _keep_history(self, t: _Turn) -> None:
         """Add the finished turn to the kept history, dropping what no longer fits."""
         cached = self._histories.get(t.sid)
-        if cached is None or cached.last_turn != t.turn - 1 or t.sid in self._noted:
+        if (
+            cached is None
+            or cached.last_turn != t.turn - 1
+            or t.sid in self._noted
+            or self._uploaded_in(t.sid, t.turn)  # a note this turn's items lack (any replica)
+        ):
             self._noted.discard(t.sid)
             self.forget(t.sid)
             return

@@ -167,7 +167,8 @@ class PostgresStore:
                 )
             db.execute(
                 "UPDATE sessions SET updated = %s, turns = turns + %s, "
-                "last_turn = GREATEST(last_turn, %s), last_event = %s WHERE id = %s",
+                "last_turn = GREATEST(last_turn, %s), last_event = GREATEST(last_event, %s) "
+                "WHERE id = %s",
                 (now, 1 if type_ == "user" else 0, turn, event_id, session_id),
             )
         return event_id

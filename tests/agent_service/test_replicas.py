@@ -323,3 +323,22 @@ async def test_stop_through_b_stops_the_turn_running_on_a(
     assert len(stack.llm.requests) == 1, "the model was not asked to go on"
     stack.llm.script(ToolCall("execute_code", {"code": "print(x + 1)"}), Text("Still here."))
     assert "42" in await turn(replica_b.url, "stop-ab", "is x still there?")
+
+
+async def test_an_upload_through_b_during_a_turn_on_a_reaches_the_next_turn(
+    stack: Stack, replica_b: ServerThread
+) -> None:
+    gate = Gate()
+    stack.llm.script(Hold(gate, Text("First.")), Text("Second."))
+    first = asyncio.create_task(turn(stack.url, "rep-up", "wait"))
+    await stack.llm.wait_for_requests(1)
+    async with httpx.AsyncClient(base_url=replica_b.url, timeout=60) as http:
+        uploaded = await http.post(
+            "/v1/sessions/rep-up/files", files=[("files", ("late.csv", b"a\n1\n"))]
+        )
+        assert uploaded.status_code == 201, uploaded.text
+    gate.open()
+    assert "First." in await first
+    await turn(stack.url, "rep-up", "anything new?")  # A again, with its kept history
+    told = [m["content"] for m in stack.llm.requests[1]["messages"] if m["role"] == "user"]
+    assert any("late.csv" in text for text in told), told
