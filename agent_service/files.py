@@ -298,14 +298,16 @@ async def save_files(
     target = check_folder(folder)
     if svc.store.get_session(session_id) is None:
         svc.store.create_session(session_id, svc.settings.model_alias, owner)
-    saved = []
-    for name, data in uploads:
-        clean = safe_name(name)
-        path = f"{target}/{clean}" if target else clean
-        saved.append(await svc.files.put(session_id, path, _chunks(data)))
-        logger.info("session %s: saved %s (%d bytes)", session_id, path, saved[-1].size)
-    if tell_model and saved:
-        svc.agent.add_note(session_id, upload_note(saved))
+    saved: list[SavedFile] = []
+    try:
+        for name, data in uploads:
+            clean = safe_name(name)
+            path = f"{target}/{clean}" if target else clean
+            saved.append(await svc.files.put(session_id, path, _chunks(data)))
+            logger.info("session %s: saved %s (%d bytes)", session_id, path, saved[-1].size)
+    finally:  # a refused file still leaves the ones before it: the model hears of those
+        if tell_model and saved:
+            svc.agent.add_note(session_id, upload_note(saved))
     return saved
 
 

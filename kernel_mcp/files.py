@@ -241,6 +241,8 @@ class SessionFiles:
         """A descriptor of the folder `parts` below the root, walked without following links."""
         try:
             fd = os.open(self.root, _DIR_FLAGS)
+        except FileNotFoundError:
+            raise FileMissing(f"{path!r} does not exist: the session has no files yet") from None
         except OSError as exc:
             raise FileAccessError(f"the session folder is not available: {exc}") from None
         try:

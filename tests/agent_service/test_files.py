@@ -563,3 +563,25 @@ async def test_a_file_uploaded_during_a_turn_is_not_listed_as_written_by_it(
     written = content.split("**Files written in this turn:**")[1]
     assert "[out.txt](" in written
     assert "late.csv" not in written, "the user's upload, not the turn's code"
+
+
+async def test_files_saved_before_a_refused_one_are_told_to_the_model(
+    agent_factory: Any,
+) -> None:
+    stack: Stack = agent_factory(kernel_mcp={"upload_max_bytes": 4096})
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        refused = await http.post(
+            "/v1/sessions/part-1/files",
+            files=[("files", ("small.csv", b"a\n1\n")), ("files", ("big.bin", b"x" * 8192))],
+        )
+        assert refused.status_code == 413, refused.text
+        listed = (await http.get("/v1/sessions/part-1/files")).json()
+        assert [f["path"] for f in listed["data"]] == ["small.csv"], "the first one stays"
+    stack.llm.script(Text("Noted."))
+    await stack.new_async_client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "what arrived?"}],
+        extra_headers={"X-Session-Id": "part-1"},
+    )
+    told = [m["content"] for m in stack.llm.requests[0]["messages"] if m["role"] == "user"]
+    assert any("small.csv" in text for text in told), "so the model hears of it"

@@ -43,6 +43,11 @@ async def test_file_routes_need_the_token(serve_http: Callable[..., str]) -> Non
         missing = await http.get("/sessions/f1/files/sub/a.txt", headers=AUTH)
         assert missing.status_code == 404
         assert missing.json()["error"]["code"] == "file_not_found"
+        # A session without a folder yet has no such file either (not a bad path).
+        for method in ("GET", "DELETE"):
+            nothing = await http.request(method, "/sessions/f-new/files/a.txt", headers=AUTH)
+            assert nothing.status_code == 404, (method, nothing.text)
+            assert nothing.json()["error"]["code"] == "file_not_found"
 
 
 async def test_uploads_are_bounded_and_stay_in_the_folder(
