@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -20,6 +18,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from kernel_agent_pytest import Gate, Hold, ServerThread, Text, ToolCall
+from tests.kernel_mcp.conftest import wait_until_async
 
 from .conftest import Stack
 
@@ -60,17 +59,6 @@ async def post_turn(http: httpx.AsyncClient, session: str, text: str) -> httpx.R
         headers={"X-Session-Id": session},
         timeout=60,
     )
-
-
-async def until(check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    """Poll `check` until it returns something true, under a deadline."""
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"not within {DEADLINE:.0f} s: {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_turn_two_on_b_sees_turn_one_of_a(stack: Stack, replica_b: ServerThread) -> None:
@@ -158,7 +146,9 @@ async def test_clear_cache_on_a_is_seen_by_b(stack: Stack, replica_b: ServerThre
             cached = all(members.get(n, {}).get("cached") for n in names.values())
             return members if cached else None
 
-        members = await until(both_cached, "A lists both replicas with a cached prompt")
+        members = await wait_until_async(
+            both_cached, "A lists both replicas with a cached prompt", DEADLINE
+        )
         assert stats_of(members, names["a"]) == stats_of(members, names["b"]), (
             "both serve the same prompt"
         )
@@ -169,7 +159,7 @@ async def test_clear_cache_on_a_is_seen_by_b(stack: Stack, replica_b: ServerThre
         async def b_dropped() -> bool:
             return (await on_b.get("/admin/cache-stats")).json()["cached"] is False
 
-        await until(b_dropped, "B dropped its prompt")
+        await wait_until_async(b_dropped, "B dropped its prompt", DEADLINE)
         misses = (await on_b.get("/admin/cache-stats")).json()["misses"]
         await turn(replica_b.url, "rep-4", "c")
         after = (await on_b.get("/admin/cache-stats")).json()
@@ -180,7 +170,7 @@ async def test_clear_cache_on_a_is_seen_by_b(stack: Stack, replica_b: ServerThre
             members = {m["replica"]: m for m in stats["replicas"]}
             return bool(members.get(names["b"], {}).get("cached"))
 
-        await until(a_sees_b_again, "A lists B's prompt as cached again")
+        await wait_until_async(a_sees_b_again, "A lists B's prompt as cached again", DEADLINE)
 
 
 def stats_of(members: dict[str, Any], name: str) -> tuple[str, str]:
@@ -210,7 +200,9 @@ async def test_kill_9_of_a_mid_turn_frees_the_session_for_b(stack: Stack, agent_
             response = await post_turn(on_b, "rep-5", "second question")
             return None if response.status_code == 409 else response
 
-        answer = await until(b_gets_the_session, "the dead replica's lock went with it")
+        answer = await wait_until_async(
+            b_gets_the_session, "the dead replica's lock went with it", DEADLINE
+        )
     assert answer.status_code == 200
     assert answer.json()["choices"][0]["message"]["content"] == "B answers."
     sent = stack.llm.requests[-1]["messages"]
@@ -278,7 +270,7 @@ async def test_connections_the_server_cuts_are_replaced(
     async def both_listen() -> bool:
         return await asyncio.to_thread(listeners) == 2
 
-    await until(both_listen, "both replicas listen again")
+    await wait_until_async(both_listen, "both replicas listen again", DEADLINE)
     stack.llm.script(Text("one"), Text("two"))
     await turn(stack.url, "rep-9", "on A")
     await turn(replica_b.url, "rep-9", "on B")
@@ -292,7 +284,7 @@ async def test_connections_the_server_cuts_are_replaced(
         async def b_dropped() -> bool:
             return (await on_b.get("/admin/cache-stats")).json()["cached"] is False
 
-        await until(b_dropped, "B, listening again, dropped its prompt")
+        await wait_until_async(b_dropped, "B, listening again, dropped its prompt", DEADLINE)
 
 
 async def test_stop_through_b_stops_the_turn_running_on_a(

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,18 @@ async def wait_until(condition: Callable[[], bool], what: str, within: float = 6
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+async def wait_until_async(
+    check: Callable[[], Awaitable[Any]], what: str, within: float = 60
+) -> Any:
+    """Await `check` until it returns something true, which is returned; fail with `what`
+    past the deadline (not a speed claim)."""
+    deadline = time.monotonic() + within
+    while not (result := await check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+    return result
 
 
 async def wait_for_exit(pid: int, within: float = 60) -> None:

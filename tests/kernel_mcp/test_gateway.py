@@ -23,7 +23,7 @@ from kernel_mcp.errors import CapacityError, KernelError
 from kernel_mcp.gateway_kernel import derived_kernel_id
 from kernel_mcp.sessions import SessionManager
 
-from .conftest import LiveText, kernel_cwd, plain_of, text_of, wait_until
+from .conftest import LiveText, kernel_cwd, plain_of, text_of, wait_until, wait_until_async
 from .gateways import ENTERPRISE_GATEWAY, KERNEL_GATEWAY, KINDS, Gateway
 
 pytestmark = pytest.mark.kernel
@@ -297,13 +297,6 @@ async def test_an_idle_shared_kernel_is_culled_and_any_replica_says_so(
 
 async def _gone(gateway: Gateway, kernel_id: str) -> bool:
     return kernel_id not in await gateway.kernels()
-
-
-async def wait_until_async(condition: Callable[[], Any], what: str, within: float = 60) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.timeout(180)
