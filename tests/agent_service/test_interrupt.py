@@ -15,7 +15,7 @@ from .conftest import Stack
 pytestmark = pytest.mark.kernel
 
 MODEL = "kernel-agent"
-LONG_CELL = "x = 41\nimport time\nprint('sleeping', flush=True)\ntime.sleep(600)"
+LONG_CELL = "x = 41\nimport time\nprint('sleeping', 'now', flush=True)\ntime.sleep(600)"
 
 
 async def _until(stream, text: str) -> str:
@@ -37,7 +37,7 @@ async def test_stop_interrupts_the_cell_and_the_kernel_keeps_its_variables(stack
         stream=True,
         extra_headers={"X-Session-Id": "long"},
     )
-    content = await _until(stream, "sleeping")  # the cell runs
+    content = await _until(stream, "sleeping now")  # its output, not the code: the cell runs
     async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         stopped = await http.post("/v1/sessions/long/interrupt")
         assert stopped.status_code == 200
