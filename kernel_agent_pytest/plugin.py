@@ -14,7 +14,6 @@ import atexit
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -198,7 +197,10 @@ class KernelAgentState:
             _logged(self._host.close)
         self.sweep()
         if self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
+            from kernel_mcp.files import remove_folder  # kernels may nest folders very deep
+
+            with contextlib.suppress(OSError):
+                remove_folder(self._root)
 
     def sweep(self) -> list[KernelProcess]:
         """Kill every kernel process of ours still running; returns them."""

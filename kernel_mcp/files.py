@@ -14,7 +14,6 @@ import builtins
 import contextlib
 import errno
 import os
-import shutil
 import stat
 import uuid
 from collections.abc import Iterator
@@ -29,6 +28,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO the kernel put in place of a file must not hang the server.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Folders nested deeper than this are left out of a full listing (marked truncated).
+_MAX_DEPTH = 128
 
 
 @dataclass(frozen=True)
@@ -131,50 +132,65 @@ class SessionFiles:
         """Every file below the root (and every symlink, not followed), depth first.
 
         Returns the entries (path, type, size, modified) sorted by path, and whether the
-        listing stopped at `limit` entries.
+        listing is incomplete: it stopped at `limit` entries, or left folders deeper than
+        _MAX_DEPTH unread (one descriptor stays open per level while it walks).
         """
         entries: builtins.list[dict[str, Any]] = []
+        truncated = False
+        # One open folder per level, each with the names still to visit in it.
+        stack: builtins.list[tuple[int, tuple[str, ...], builtins.list[str]]] = []
         with self._folder(".", ()) as root:
-            truncated = self._walk(os.dup(root), (), entries, limit)
-        entries.sort(key=lambda e: e["path"])
-        return entries, truncated
-
-    def _walk(
-        self, fd: int, parts: tuple[str, ...], entries: builtins.list[dict[str, Any]], limit: int
-    ) -> bool:
-        """Add the entries of folder `fd` (closed here); True when `limit` was reached."""
+            names = self._names(root)
+            stack.append((os.dup(root), (), names))
         try:
-            with os.scandir(fd) as scan:
-                found = sorted(scan, key=lambda e: e.name)
-            for entry in found:
+            while stack:
+                fd, parts, names = stack[-1]
+                if not names:
+                    os.close(stack.pop()[0])
+                    continue
+                name = names.pop()
                 try:
-                    info = entry.stat(follow_symlinks=False)
+                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:  # removed meanwhile
                     continue
                 if stat.S_ISDIR(info.st_mode):
+                    if len(stack) > _MAX_DEPTH:
+                        truncated = True
+                        continue
                     try:
-                        child = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+                        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
                     except OSError:  # replaced by a link meanwhile, or unreadable
                         continue
-                    if self._walk(child, (*parts, entry.name), entries, limit):
-                        return True
+                    try:
+                        stack.append((child, (*parts, name), self._names(child)))
+                    except BaseException:
+                        os.close(child)
+                        raise
                     continue
                 kind = "symlink" if stat.S_ISLNK(info.st_mode) else "file"
                 if kind == "file" and not stat.S_ISREG(info.st_mode):
                     continue  # FIFOs, sockets, devices: nothing to download
                 if len(entries) >= limit:
-                    return True
+                    truncated = True
+                    break
                 entries.append(
                     {
-                        "path": "/".join((*parts, entry.name)),
+                        "path": "/".join((*parts, name)),
                         "type": kind,
                         "size": info.st_size,
                         "modified": datetime.fromtimestamp(info.st_mtime, UTC).isoformat(),
                     }
                 )
-            return False
         finally:
-            os.close(fd)
+            for fd, _, _ in stack:
+                os.close(fd)
+        entries.sort(key=lambda e: e["path"])
+        return entries, truncated
+
+    @staticmethod
+    def _names(fd: int) -> builtins.list[str]:
+        """The names in folder `fd`, in reverse order (popped from the end: sorted)."""
+        return sorted(os.listdir(fd), reverse=True)
 
     def open_file(self, path: str) -> tuple[int, os.stat_result]:
         """A descriptor of the regular file `path` (the caller closes it), and its stat."""
@@ -209,9 +225,10 @@ class SessionFiles:
             except OSError as exc:
                 raise self._refusal(path, exc) from None
             if stat.S_ISDIR(info.st_mode):
-                # rmtree on a descriptor walks with O_NOFOLLOW: links inside are removed,
-                # never followed.
-                shutil.rmtree(name, dir_fd=folder)
+                try:
+                    remove_tree(folder, name)
+                except OSError as exc:
+                    raise self._refusal(path, exc) from None
                 return "folder"
             try:
                 os.unlink(name, dir_fd=folder)
@@ -296,20 +313,98 @@ class SessionFiles:
 def remove_folder(folder: Path) -> None:
     """Delete `folder` and everything in it, whatever modes the kernel gave its files.
 
-    Never follows symlinks (shutil.rmtree works on directory descriptors here).
+    Never follows symlinks: a link is removed, not what it points to.
     """
+    try:
+        parent = os.open(folder.parent, _DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    try:
+        remove_tree(parent, folder.name)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # gone already, or a file or link in its place: not a session folder to delete
+    finally:
+        os.close(parent)
 
-    def unlock(function: Any, path: str, _exc: Any) -> None:
-        # A folder the kernel made unwritable or unreadable (chmod 0): open it up, retry.
-        parent = os.path.dirname(path)
-        with contextlib.suppress(OSError):
-            os.chmod(parent, 0o700)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, 0o700)
-        function(path)
 
-    if folder.is_dir() and not folder.is_symlink():
-        shutil.rmtree(folder, onerror=unlock)
+def remove_tree(parent: int, name: str) -> None:
+    """Delete the folder `name` of folder `parent` and everything below it.
+
+    Each folder is opened relative to its parent with O_NOFOLLOW, so a link the kernel
+    puts anywhere is removed, never followed. Iterative (shutil.rmtree recurses): kernel
+    code can nest folders thousands deep. Folders the kernel made unreadable or
+    unwritable (chmod 0) are opened up first.
+    """
+    # One open folder per level: (its parent's descriptor, its name, its descriptor,
+    # the sub-folders still to remove in it).
+    top = _open_unlocked(parent, name)
+    stack = [(parent, name, top, _clear_files(top))]
+    try:
+        while stack:
+            up, folder_name, fd, folders = stack[-1]
+            if folders:
+                child = folders.pop()
+                try:
+                    opened = _open_unlocked(fd, child)
+                except FileNotFoundError:
+                    continue
+                except NotADirectoryError:  # turned into a file or a link meanwhile
+                    _unlocked(os.unlink, child, fd)
+                    continue
+                try:
+                    stack.append((fd, child, opened, _clear_files(opened)))
+                except BaseException:
+                    os.close(opened)
+                    raise
+                continue
+            stack.pop()
+            os.close(fd)
+            _unlocked(os.rmdir, folder_name, up)
+    finally:
+        for _, _, fd, _ in stack:
+            os.close(fd)
+
+
+def _clear_files(fd: int) -> builtins.list[str]:
+    """Unlink everything in folder `fd` but its sub-folders; returns their names."""
+    with contextlib.suppress(PermissionError):
+        os.fchmod(fd, stat.S_IRWXU)  # what the kernel locked (we own it, or are root)
+    folders = []
+    for name in os.listdir(fd):
+        try:
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                folders.append(name)
+            else:
+                os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            continue
+    return folders
+
+
+def _open_unlocked(parent: int, name: str) -> int:
+    """Open folder `name` without following a link; a folder locked with chmod is opened up."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except PermissionError:
+        # O_PATH opens without reading it; chmod through /proc acts on that very folder.
+        path_fd = os.open(name, _DIR_FLAGS | os.O_PATH, dir_fd=parent)
+        try:
+            os.chmod(f"/proc/self/fd/{path_fd}", stat.S_IRWXU)
+        finally:
+            os.close(path_fd)
+        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+
+
+def _unlocked(remove: Any, name: str, fd: int) -> None:
+    """`remove(name, dir_fd=fd)`, opening up a folder `fd` the kernel made unwritable."""
+    try:
+        remove(name, dir_fd=fd)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        os.fchmod(fd, stat.S_IRWXU)
+        remove(name, dir_fd=fd)
 
 
 def _is_symlink(name: str, dir_fd: int) -> bool:

@@ -483,6 +483,39 @@ async def test_files_of_a_session_go_with_it(stack: Stack) -> None:
         _listed(stack.client, "gone-1")
 
 
+async def test_a_session_whose_kernel_nested_and_locked_folders_lists_and_deletes(
+    stack: Stack,
+) -> None:
+    # Model code can nest folders past any recursion limit, and lock folders with chmod.
+    code = (
+        "import os\nstart = os.getcwd()\nfor _ in range(1100):\n"
+        "    os.mkdir('d'); os.chdir('d')\n"
+        "open('bottom.txt', 'w').write('b')\nos.chdir(start)\n"
+        "os.makedirs('locked/inner'); open('locked/inner/f.txt', 'w').write('f')\n"
+        "os.chmod('locked/inner', 0); os.chmod('locked', 0o500)\nprint('built')"
+    )
+    stack.llm.script(ToolCall("execute_code", {"code": code}), Text("Built."))
+    reply = await stack.new_async_client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "nest"}],
+        extra_headers={"X-Session-Id": "deep-1"},
+    )
+    assert "built" in reply.choices[0].message.content
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        listed = await http.get("/v1/sessions/deep-1/files")
+        assert listed.status_code == 200, listed.text
+        assert listed.json()["truncated"] is True, "the folders past the depth bound are unread"
+        paths = [f["path"] for f in listed.json()["data"]]
+        assert "locked/inner/f.txt" in paths
+        assert not any(p.endswith("bottom.txt") for p in paths)
+        folder = await http.delete("/v1/sessions/deep-1/files/locked")
+        assert folder.status_code == 200, folder.text
+        deleted = await http.delete("/v1/sessions/deep-1")
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["deleted"] is True
+    assert not (stack.kernel_settings.workspace / "deep-1").exists()
+
+
 def test_paths_in_links_are_quoted(stack: Stack) -> None:
     from agent_service.files import file_link
 

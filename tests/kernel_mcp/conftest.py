@@ -21,6 +21,7 @@ import pytest
 
 from kernel_agent_pytest import KernelMcpServer
 from kernel_mcp.config import Settings
+from kernel_mcp.files import remove_folder
 from kernel_mcp.gateway_kernel import GatewayBackend, GatewayKernel
 from kernel_mcp.local_kernel import LocalBackend, LocalKernel
 from kernel_mcp.sandbox import SESSION_FOLDER
@@ -138,7 +139,7 @@ def short_tmp() -> Iterator[Path]:
     """A short temporary folder: IPC socket paths must stay under ~100 bytes."""
     path = Path(tempfile.mkdtemp(prefix="ka-"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    remove_folder(path)  # iterative: a test's kernel may nest folders past recursion limits
 
 
 class RecordingGatewayBackend(GatewayBackend):

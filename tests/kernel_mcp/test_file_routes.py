@@ -94,3 +94,33 @@ async def test_the_kernel_finds_an_upload_where_it_is_told(serve_http: Callable[
         )
         await client.call_tool("shutdown_kernel", {})
     assert result.content[0].text.strip() == "forty-two"
+
+
+async def test_a_very_deep_tree_is_listed_up_to_a_depth_and_marked_truncated(
+    serve_http: Callable[..., str], short_tmp: Path
+) -> None:
+    # Kernel code can nest folders far past any recursion limit (2,200 characters here).
+    base = serve_http()
+    folder = deepest = short_tmp / "ws" / "deep"
+    folder.mkdir(parents=True)
+    for _ in range(1100):
+        deepest /= "d"
+        deepest.mkdir()
+    (deepest / "bottom.txt").write_text("b")
+    (folder / "top.txt").write_text("t")
+    (folder / "d" / "d" / "near.txt").write_text("n")
+    async with httpx.AsyncClient(base_url=base) as http:
+        listed = await http.get("/sessions/deep/files")
+        assert listed.status_code == 200, listed.text
+        body = listed.json()
+        paths = [f["path"] for f in body["files"]]
+        assert paths == ["d/d/near.txt", "top.txt"], "the bottom file is past the depth bound"
+        assert body["truncated"] is True, "a listing that left folders unread says so"
+        flat = await http.put("/sessions/deep2/files/a.txt", content=b"x")
+        assert flat.status_code == 201
+        assert (await http.get("/sessions/deep2/files")).json()["truncated"] is False
+        removed = await http.delete("/sessions/deep/files/d")
+        assert removed.status_code == 200, removed.text
+        assert [f["path"] for f in (await http.get("/sessions/deep/files")).json()["files"]] == [
+            "top.txt"
+        ]
