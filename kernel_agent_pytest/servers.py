@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
 import socket
 import threading
@@ -61,14 +62,24 @@ def _listen(port: int) -> socket.socket:
 class ServerThread:
     """An ASGI app served by uvicorn on 127.0.0.1, on its own event loop in a thread."""
 
-    def __init__(self, app: Any, name: str, graceful: float = 3.0, stop_within: float = 60.0):
+    def __init__(
+        self,
+        app: Any,
+        name: str,
+        graceful: float = 3.0,
+        stop_within: float = 60.0,
+        report_after: float = 15.0,
+    ):
+        """`report_after` seconds past the graceful period, a slow stop logs its tasks."""
         self.app = app
         self.name = name
         self.port = 0
         self._graceful = graceful
         self._stop_within = stop_within
+        self._report_after = report_after
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
 
     @property
@@ -104,8 +115,12 @@ class ServerThread:
         return self
 
     def _serve(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            await server.serve(sockets=[sock])
+
         try:
-            asyncio.run(server.serve(sockets=[sock]))
+            asyncio.run(serve())
         except BaseException as exc:
             self._error = exc
             logger.exception("%s stopped with an error", self.name)
@@ -122,7 +137,11 @@ class ServerThread:
         if server is None or thread is None:
             return
         server.should_exit = True
-        thread.join(self._stop_within)
+        report_at = self._graceful + self._report_after
+        thread.join(min(self._stop_within, report_at))
+        if thread.is_alive():
+            self._report_pending()
+            thread.join(max(0.0, self._stop_within - report_at))
         if thread.is_alive():
             logger.warning("%s did not stop in %.0f s: forcing it", self.name, self._stop_within)
             server.force_exit = True
@@ -130,6 +149,29 @@ class ServerThread:
         self._server = self._thread = None
         if thread.is_alive():
             raise RuntimeError(f"{self.name} did not stop")
+
+    def _report_pending(self) -> None:
+        """Log what a slow shutdown waits for: every task of the server's loop, with stacks."""
+        loop = self._loop
+
+        async def stacks() -> str:
+            out = io.StringIO()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.print_stack(limit=12, file=out)
+            return out.getvalue()
+
+        try:
+            assert loop is not None
+            pending = asyncio.run_coroutine_threadsafe(stacks(), loop).result(10)
+        except Exception as exc:  # a blocked loop cannot answer: that is the finding
+            pending = f"(the loop did not answer: {exc!r})"
+        logger.warning(
+            "%s still stopping after %g s; its tasks:\n%s",
+            self.name,
+            self._graceful + self._report_after,
+            pending,
+        )
 
 
 def _kernel_mcp_app(settings: KernelSettings) -> Any:
