@@ -94,6 +94,24 @@ _WRITING_TOOLS = frozenset({"execute_code", "write_file"})
 """Tools that can write files: the session folder is listed before the first one runs."""
 
 
+@dataclass(frozen=True)
+class _FileState:
+    """A listing of the session folder: its visible files (path: size, modified), and where
+    a listing cut short at its entry limit stopped (None: it is complete)."""
+
+    files: dict[str, tuple[int, str]]
+    cut: tuple[str, ...] | None
+
+    def covers(self, path: str) -> bool:
+        """Whether this listing saw `path`'s place: a file past the cut may be old."""
+        return self.cut is None or _walk_key(path) <= self.cut
+
+
+def _walk_key(path: str) -> tuple[str, ...]:
+    """A path's place in kernel_mcp's listing order (depth first, names sorted)."""
+    return tuple(path.split("/"))
+
+
 def _shown(entry: SessionFile) -> bool:
     """Files a turn reports: not symlinks, nothing hidden (`.outputs/`, dot files)."""
     return entry.type == "file" and not any(p.startswith(".") for p in entry.path.split("/"))
@@ -224,9 +242,9 @@ class _Turn:
         self.current: list[Item] = []
         self.sent: list[str] = []
         self.files_listed = False
-        self.files_before: dict[str, tuple[int, str]] | None = None
-        """The session folder before the turn's first tool that can write (path: size, time);
-        None when it was not listed (no such tool ran, or listing failed)."""
+        self.files_before: _FileState | None = None
+        """The session folder before the turn's first tool that can write; None when it was
+        not listed (no such tool ran, or listing failed)."""
         self._emit = emit
 
     def say(self, text: str) -> None:
@@ -664,8 +682,8 @@ class Agent:
         if (call.name == "execute_code" and not outcome.is_error) or _restarted(call.name, outcome):
             await self._remember_kernel(t.sid, kernel, refresh=_restarted(call.name, outcome))
 
-    async def _file_state(self, sid: str) -> dict[str, tuple[int, str]] | None:
-        """The session folder's visible files (path: size, modified); None if unknown."""
+    async def _file_state(self, sid: str) -> _FileState | None:
+        """The session folder's visible files; None if unknown."""
         if self.files is None:
             return None
         try:
@@ -673,7 +691,9 @@ class Agent:
         except ServiceError as exc:
             logger.warning("session %s: files not listed: %s", sid, exc.message)
             return None
-        return {f.path: (f.size, f.modified) for f in listing.files if _shown(f)}
+        shown = {f.path: (f.size, f.modified) for f in listing.files if _shown(f)}
+        cut = max((_walk_key(f.path) for f in listing.files), default=())
+        return _FileState(shown, cut if listing.truncated else None)
 
     def _uploaded_in(self, sid: str, turn: int) -> dict[str, int]:
         """Files uploaded while turn `turn` ran (path: size): the user's, not its code's."""
@@ -692,10 +712,11 @@ class Agent:
         after = await self._file_state(t.sid)
         if after is None:
             return
+        before = t.files_before
         written: list[dict[str, Any]] = [
             {"path": path, "size": size, "modified": modified}
-            for path, (size, modified) in sorted(after.items())
-            if t.files_before.get(path) != (size, modified)
+            for path, (size, modified) in sorted(after.files.items())
+            if before.files.get(path) != (size, modified) and before.covers(path)
         ]
         if written:
             uploaded = await asyncio.to_thread(self._uploaded_in, t.sid, t.turn)

@@ -41,7 +41,11 @@ def start_stack(
     stacks on it have stopped.
     """
 
-    def start(model: str | None = "hosted_vllm/fake", **agent_overrides: Any) -> AgentStack:
+    def start(
+        model: str | None = "hosted_vllm/fake",
+        kernel_mcp: dict[str, Any] | None = None,
+        **agent_overrides: Any,
+    ) -> AgentStack:
         values: dict[str, Any] = {
             "model": model,
             "llm_retries": 2,
@@ -50,7 +54,7 @@ def start_stack(
             "database_url": database_url(),
             **agent_overrides,
         }
-        return agent_factory(kernel_mcp={"interrupt_grace": 1.0}, **values)
+        return agent_factory(kernel_mcp={"interrupt_grace": 1.0, **(kernel_mcp or {})}, **values)
 
     return start
 

@@ -516,6 +516,30 @@ async def test_a_session_whose_kernel_nested_and_locked_folders_lists_and_delete
     assert not (stack.kernel_settings.workspace / "deep-1").exists()
 
 
+async def test_files_past_a_cut_short_listing_are_not_claimed_as_written(start_stack) -> None:
+    # The folder holds more files than one listing shows (5 here): deleting the first ones
+    # brings older files into view, which this turn did not write.
+    stack: Stack = start_stack(secret_key=SECRET, kernel_mcp={"list_max_entries": 5})
+    made = "for i in range(8):\n    open(f'f{i}.txt', 'w').write(str(i))"
+    stack.llm.script(ToolCall("execute_code", {"code": made}), Text("Made."))
+    await stack.new_async_client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "make"}],
+        extra_headers={"X-Session-Id": "cut-1"},
+    )
+    swap = "import os\nos.remove('f0.txt'); os.remove('f1.txt')\nopen('a.txt', 'w').write('a')"
+    stack.llm.script(ToolCall("execute_code", {"code": swap}), Text("Swapped."))
+    reply = await stack.new_async_client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "swap"}],
+        extra_headers={"X-Session-Id": "cut-1"},
+    )
+    content = reply.choices[0].message.content
+    assert "**Files written in this turn:**\n- [a.txt]" in content
+    assert "f5.txt" not in content, "an older file, merely brought into view"
+    assert "f6.txt" not in content
+
+
 def test_paths_in_links_are_quoted(stack: Stack) -> None:
     from agent_service.files import file_link
 
