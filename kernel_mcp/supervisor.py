@@ -80,6 +80,7 @@ class KernelSupervisor:
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._running: dict[str, RunningCode] = {}
+        self._shut_down = False
         self._task = asyncio.create_task(self._serve(), name=f"kernel-{self.kernel_id[:8]}")
 
     @property
@@ -162,6 +163,8 @@ class KernelSupervisor:
         await self._request("shutdown", self._shutdown)
 
     async def _request(self, kind: str, work: Callable[[], Awaitable[None]]) -> None:
+        if self._task.done():  # nothing would ever serve the request: never wait for it
+            raise KernelClosed(f"kernel {self.kernel_id} is closed (its supervisor stopped)")
         pending = [r for r in self._queue if r.kind == kind]
         if kind != "interrupt" and self._active is not None and self._active.kind == kind:
             pending.append(self._active)
@@ -186,6 +189,17 @@ class KernelSupervisor:
             except Exception as exc:
                 logger.error("kernel %s: %s failed: %s", self.kernel_id, request.kind, exc)
                 request.future.set_exception(exc)
+            except BaseException:
+                # This task is cancelled (or the work raised CancelledError): whoever waits
+                # for this request or a queued one must hear of it, not wait forever, and
+                # nothing more is sent; aclose() still shuts the kernel down.
+                self._state = KernelState.CLOSED
+                closed = KernelClosed(f"kernel {self.kernel_id}: its supervisor stopped")
+                for stranded in (request, *self._queue):
+                    if not stranded.future.done():
+                        stranded.future.set_exception(closed)
+                self._queue.clear()
+                raise
             else:
                 request.future.set_result(None)
             finally:
@@ -227,10 +241,17 @@ class KernelSupervisor:
     async def _shutdown(self) -> None:
         self._state = KernelState.CLOSED
         self._running.clear()
+        self._shut_down = True
         await self.connection.shutdown()
 
     async def aclose(self) -> None:
         """Shut down and stop the supervisor's task."""
+        if self._task.done():  # no task to serve the request: shut the kernel down here
+            if not self._shut_down:
+                self._state = KernelState.CLOSED
+                self._shut_down = True
+                await self.connection.shutdown()
+            return
         await self.shutdown()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from typing import Any
 
@@ -277,3 +278,26 @@ async def _kernel_of(manager: SessionManager, session_id: str) -> Any:
         "the session's kernel",
     )
     return manager.existing(session_id).kernel
+
+
+async def test_a_kernel_whose_supervisor_task_ended_fails_fast_and_still_shuts_down(
+    manager: SessionManager,
+) -> None:
+    # Were the supervisor's task to end under it, requests queued to it would wait forever
+    # (a server's shutdown included); they must fail at once instead.
+    from kernel_mcp.errors import KernelClosed
+
+    await manager.execute("s1", "x = 1")
+    supervisor = manager.existing("s1").kernel
+    assert supervisor is not None
+    pid = (await manager.kernel_info("s1")).pid
+    assert pid is not None
+    supervisor._task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await supervisor._task
+    with pytest.raises(KernelClosed):
+        await supervisor.restart()
+    after = await manager.execute("s1", "print('on', 'a', 'kernel')")
+    assert text_of(after.outputs) == "on a kernel\n"
+    await manager.close()
+    await wait_for_exit(pid)
