@@ -693,7 +693,7 @@ class Agent:
             return None
         shown = {f.path: (f.size, f.modified) for f in listing.files if _shown(f)}
         cut = max((_walk_key(f.path) for f in listing.files), default=())
-        return _FileState(shown, cut if listing.truncated else None)
+        return _FileState(shown, cut if listing.limit_reached else None)
 
     def _uploaded_in(self, sid: str, turn: int) -> dict[str, int]:
         """Files uploaded while turn `turn` ran (path: size): the user's, not its code's."""

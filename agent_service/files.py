@@ -71,6 +71,8 @@ class FileListing:
     truncated: bool
     folder: str
     """The session folder as the kernel sees it (its working folder)."""
+    limit_reached: bool = False
+    """It stopped at its entry limit: files past the last one, in walking order, are unseen."""
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,12 @@ class KernelFiles:
             SessionFile(**{k: e[k] for k in ("path", "size", "modified", "type")})
             for e in body["files"]
         ]
-        return FileListing(files, bool(body.get("truncated")), str(body.get("folder", "")))
+        return FileListing(
+            files,
+            bool(body.get("truncated")),
+            str(body.get("folder", "")),
+            bool(body.get("limit_reached")),
+        )
 
     async def put(self, session_id: str, path: str, data: AsyncIterable[bytes]) -> SavedFile:
         request = self._http.build_request("PUT", self._url(session_id, path), content=data)

@@ -15,8 +15,10 @@ import functools
 import io
 import logging
 import socket
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -137,11 +139,11 @@ class ServerThread:
         if server is None or thread is None:
             return
         server.should_exit = True
-        report_at = self._graceful + self._report_after
-        thread.join(min(self._stop_within, report_at))
+        deadline = time.monotonic() + self._stop_within
+        thread.join(min(self._stop_within, self._graceful + self._report_after))
         if thread.is_alive():
-            self._report_pending()
-            thread.join(max(0.0, self._stop_within - report_at))
+            self._report_pending(thread, deadline)
+            thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             logger.warning("%s did not stop in %.0f s: forcing it", self.name, self._stop_within)
             server.force_exit = True
@@ -150,9 +152,9 @@ class ServerThread:
         if thread.is_alive():
             raise RuntimeError(f"{self.name} did not stop")
 
-    def _report_pending(self) -> None:
-        """Log what a slow shutdown waits for: every task of the server's loop, with stacks."""
-        loop = self._loop
+    def _report_pending(self, thread: threading.Thread, deadline: float) -> None:
+        """Log what a slow shutdown waits for: every task of the server's loop, with stacks
+        (or, if the loop is blocked and cannot answer, the thread's own stack)."""
 
         async def stacks() -> str:
             out = io.StringIO()
@@ -161,17 +163,19 @@ class ServerThread:
                     task.print_stack(limit=12, file=out)
             return out.getvalue()
 
+        waited = self._stop_within - (deadline - time.monotonic())
+        loop = self._loop
+        if loop is None:
+            return
+        asked = asyncio.run_coroutine_threadsafe(stacks(), loop)
         try:
-            assert loop is not None
-            pending = asyncio.run_coroutine_threadsafe(stacks(), loop).result(10)
-        except Exception as exc:  # a blocked loop cannot answer: that is the finding
-            pending = f"(the loop did not answer: {exc!r})"
-        logger.warning(
-            "%s still stopping after %g s; its tasks:\n%s",
-            self.name,
-            self._graceful + self._report_after,
-            pending,
-        )
+            pending = asked.result(max(0.1, min(10.0, deadline - time.monotonic())))
+        except Exception:  # a blocked loop cannot answer: where the thread is tells why
+            asked.cancel()
+            frame = sys._current_frames().get(thread.ident or 0)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "(gone)"
+            pending = f"(its loop did not answer; the thread is at)\n{where}"
+        logger.warning("%s still stopping after %.1f s; its tasks:\n%s", self.name, waited, pending)
 
 
 def _kernel_mcp_app(settings: KernelSettings) -> Any:

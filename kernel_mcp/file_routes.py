@@ -85,10 +85,17 @@ def add_file_routes(mcp: FastMCP, manager: SessionManager, settings: Settings) -
         if not files.root.is_dir():
             return JSONResponse({"files": [], "truncated": False, "folder": kernel_folder})
         try:
-            entries, truncated = await asyncio.to_thread(files.walk, settings.list_max_entries)
+            entries, stop = await asyncio.to_thread(files.walk, settings.list_max_entries)
         except FileAccessError as exc:
             return _refusal(exc)
-        return JSONResponse({"files": entries, "truncated": truncated, "folder": kernel_folder})
+        return JSONResponse(
+            {
+                "files": entries,
+                "truncated": stop is not None,
+                "limit_reached": stop == "limit",
+                "folder": kernel_folder,
+            }
+        )
 
     async def one_file(request: Request) -> Response:
         if (denied := refused(request)) is not None:

@@ -28,8 +28,10 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO the kernel put in place of a file must not hang the server.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# Folders nested deeper than this are left out of a full listing (marked truncated).
-_MAX_DEPTH = 128
+# At most this many folders are open at once while a tree is walked (one per level):
+# deeper folders are left out of a full listing (marked truncated), or moved up to be
+# deleted.
+_MAX_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -128,15 +130,16 @@ class SessionFiles:
                 raise
         return len(data)
 
-    def walk(self, limit: int = 10_000) -> tuple[builtins.list[dict[str, Any]], bool]:
+    def walk(self, limit: int = 10_000) -> tuple[builtins.list[dict[str, Any]], str | None]:
         """Every file below the root (and every symlink, not followed), depth first.
 
-        Returns the entries (path, type, size, modified) sorted by path, and whether the
-        listing is incomplete: it stopped at `limit` entries, or left folders deeper than
-        _MAX_DEPTH unread (one descriptor stays open per level while it walks).
+        Returns the entries (path, type, size, modified) sorted by path, and why the
+        listing is incomplete: "limit" (it stopped at `limit` entries: what comes after
+        the last entry in walking order, path components compared, is unknown), "depth"
+        (it left folders deeper than _MAX_DEPTH unread), or None (it is whole).
         """
         entries: builtins.list[dict[str, Any]] = []
-        truncated = False
+        truncated: str | None = None
         # One open folder per level, each with the names still to visit in it.
         stack: builtins.list[tuple[int, tuple[str, ...], builtins.list[str]]] = []
         with self._folder(".", ()) as root:
@@ -154,8 +157,8 @@ class SessionFiles:
                 except FileNotFoundError:  # removed meanwhile
                     continue
                 if stat.S_ISDIR(info.st_mode):
-                    if len(stack) > _MAX_DEPTH:
-                        truncated = True
+                    if len(stack) >= _MAX_DEPTH:
+                        truncated = "depth"
                         continue
                     try:
                         child = os.open(name, _DIR_FLAGS, dir_fd=fd)
@@ -171,7 +174,7 @@ class SessionFiles:
                 if kind == "file" and not stat.S_ISREG(info.st_mode):
                     continue  # FIFOs, sockets, devices: nothing to download
                 if len(entries) >= limit:
-                    truncated = True
+                    truncated = "limit"
                     break
                 entries.append(
                     {
@@ -331,38 +334,55 @@ def remove_tree(parent: int, name: str) -> None:
     """Delete the folder `name` of folder `parent` and everything below it.
 
     Each folder is opened relative to its parent with O_NOFOLLOW, so a link the kernel
-    puts anywhere is removed, never followed. Iterative (shutil.rmtree recurses): kernel
-    code can nest folders thousands deep. Folders the kernel made unreadable or
-    unwritable (chmod 0) are opened up first.
+    puts anywhere is removed, never followed. Iterative, with at most _MAX_DEPTH folders
+    open: kernel code can nest folders thousands deep, and a deeper folder is moved up
+    into the top one (a rename, which never follows links) and removed from there.
+    Folders the kernel made unreadable or unwritable (chmod 0) are opened up first.
     """
-    # One open folder per level: (its parent's descriptor, its name, its descriptor,
-    # the sub-folders still to remove in it).
-    top = _open_unlocked(parent, name)
-    stack = [(parent, name, top, _clear_files(top))]
+    # One open folder per level: (its name, its descriptor, the sub-folders left in it);
+    # each one's parent is the entry below it (the first one's: `parent`).
+    stack: builtins.list[tuple[str, int, builtins.list[str]]] = []
     try:
+        _push(stack, name, _open_unlocked(parent, name))
         while stack:
-            up, folder_name, fd, folders = stack[-1]
-            if folders:
-                child = folders.pop()
+            folder_name, fd, folders = stack[-1]
+            if not folders:
+                stack.pop()
+                os.close(fd)
+                if stack:
+                    _unlocked(os.rmdir, folder_name, stack[-1][1])
+                else:
+                    os.rmdir(folder_name, dir_fd=parent)  # the caller's folder stays as is
+                continue
+            child = folders.pop()
+            if len(stack) >= _MAX_DEPTH:
+                moved = f".removing-{uuid.uuid4().hex}"
                 try:
-                    opened = _open_unlocked(fd, child)
+                    os.rename(child, moved, src_dir_fd=fd, dst_dir_fd=stack[0][1])
                 except FileNotFoundError:
                     continue
-                except NotADirectoryError:  # turned into a file or a link meanwhile
-                    _unlocked(os.unlink, child, fd)
-                    continue
-                try:
-                    stack.append((fd, child, opened, _clear_files(opened)))
-                except BaseException:
-                    os.close(opened)
-                    raise
+                stack[0][2].append(moved)
                 continue
-            stack.pop()
-            os.close(fd)
-            _unlocked(os.rmdir, folder_name, up)
+            try:
+                opened = _open_unlocked(fd, child)
+            except FileNotFoundError:
+                continue
+            except NotADirectoryError:  # turned into a file or a link meanwhile
+                _unlocked(os.unlink, child, fd)
+                continue
+            _push(stack, child, opened)
     finally:
-        for _, _, fd, _ in stack:
+        for _, fd, _ in stack:
             os.close(fd)
+
+
+def _push(stack: builtins.list[tuple[str, int, builtins.list[str]]], name: str, fd: int) -> None:
+    """Put the opened folder `fd` on `stack` with its files removed (closed on failure)."""
+    try:
+        stack.append((name, fd, _clear_files(fd)))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _clear_files(fd: int) -> builtins.list[str]:

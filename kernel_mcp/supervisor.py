@@ -179,6 +179,22 @@ class KernelSupervisor:
         await asyncio.shield(request.future)
 
     async def _serve(self) -> None:
+        try:
+            await self._serve_requests()
+        except BaseException:
+            # This task was cancelled (or a request's work raised CancelledError): whoever
+            # waits for a request must hear of it, not wait forever, and nothing more is
+            # sent to the kernel; aclose() still shuts it down.
+            self._state = KernelState.CLOSED
+            closed = KernelClosed(f"kernel {self.kernel_id}: its supervisor stopped")
+            for stranded in self._queue:
+                if not stranded.future.done():
+                    stranded.future.set_exception(closed)
+            self._queue.clear()
+            self._update_quiet()
+            raise
+
+    async def _serve_requests(self) -> None:
         while True:
             while not self._queue:
                 self._wake.clear()
@@ -190,15 +206,7 @@ class KernelSupervisor:
                 logger.error("kernel %s: %s failed: %s", self.kernel_id, request.kind, exc)
                 request.future.set_exception(exc)
             except BaseException:
-                # This task is cancelled (or the work raised CancelledError): whoever waits
-                # for this request or a queued one must hear of it, not wait forever, and
-                # nothing more is sent; aclose() still shuts the kernel down.
-                self._state = KernelState.CLOSED
-                closed = KernelClosed(f"kernel {self.kernel_id}: its supervisor stopped")
-                for stranded in (request, *self._queue):
-                    if not stranded.future.done():
-                        stranded.future.set_exception(closed)
-                self._queue.clear()
+                self._queue.appendleft(request)  # unanswered: _serve fails it
                 raise
             else:
                 request.future.set_result(None)
@@ -241,8 +249,8 @@ class KernelSupervisor:
     async def _shutdown(self) -> None:
         self._state = KernelState.CLOSED
         self._running.clear()
-        self._shut_down = True
         await self.connection.shutdown()
+        self._shut_down = True  # not before: cancelled half-way, aclose() shuts it down
 
     async def aclose(self) -> None:
         """Shut down and stop the supervisor's task."""

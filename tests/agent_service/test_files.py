@@ -484,8 +484,9 @@ async def test_files_of_a_session_go_with_it(stack: Stack) -> None:
 
 
 async def test_a_session_whose_kernel_nested_and_locked_folders_lists_and_deletes(
-    stack: Stack,
+    start_stack,
 ) -> None:
+    stack: Stack = start_stack(secret_key=SECRET)
     # Model code can nest folders past any recursion limit, and lock folders with chmod.
     code = (
         "import os\nstart = os.getcwd()\nfor _ in range(1100):\n"
@@ -501,6 +502,16 @@ async def test_a_session_whose_kernel_nested_and_locked_folders_lists_and_delete
         extra_headers={"X-Session-Id": "deep-1"},
     )
     assert "built" in reply.choices[0].message.content
+    # Folders left unread below the depth bound hide no file a later turn writes.
+    stack.llm.script(
+        ToolCall("execute_code", {"code": "open('report.csv', 'w').write('r')"}), Text("Done.")
+    )
+    later = await stack.new_async_client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "report"}],
+        extra_headers={"X-Session-Id": "deep-1"},
+    )
+    assert "**Files written in this turn:**\n- [report.csv]" in later.choices[0].message.content
     async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         listed = await http.get("/v1/sessions/deep-1/files")
         assert listed.status_code == 200, listed.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,7 @@ async def test_a_very_deep_tree_is_listed_up_to_a_depth_and_marked_truncated(
         paths = [f["path"] for f in body["files"]]
         assert paths == ["d/d/near.txt", "top.txt"], "the bottom file is past the depth bound"
         assert body["truncated"] is True, "a listing that left folders unread says so"
+        assert body["limit_reached"] is False, "what it lists is all there is above the depth"
         flat = await http.put("/sessions/deep2/files/a.txt", content=b"x")
         assert flat.status_code == 201
         assert (await http.get("/sessions/deep2/files")).json()["truncated"] is False
@@ -124,3 +127,31 @@ async def test_a_very_deep_tree_is_listed_up_to_a_depth_and_marked_truncated(
         assert [f["path"] for f in (await http.get("/sessions/deep/files")).json()["files"]] == [
             "top.txt"
         ]
+
+
+def test_a_deep_tree_is_listed_and_removed_with_few_descriptors(short_tmp: Path) -> None:
+    # One descriptor per level would run out under a common limit of open files (64 here).
+    folder = deepest = short_tmp / "deep"
+    folder.mkdir()
+    for _ in range(400):
+        deepest /= "d"
+        deepest.mkdir()
+    (deepest / "bottom.txt").write_text("b")
+    (folder / "d" / "top.txt").write_text("t")
+    script = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from kernel_mcp.files import SessionFiles, remove_folder\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        "folder = Path(sys.argv[1])\n"
+        "entries, stop = SessionFiles(folder, 1000, 1000).walk()\n"
+        "print([e['path'] for e in entries], stop)\n"
+        "remove_folder(folder)\n"
+        "print(folder.exists())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["['d/top.txt'] depth", "False"]
