@@ -300,7 +300,8 @@ def test_nothing_is_left_running_after_ctrl_c(pytester: pytest.Pytester, run_tmp
     log = pytester.path / "run.log"
     with log.open("wb") as out:
         run = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"],
+            # faulthandler: on SIGABRT the run prints every thread's stack (see below)
+            [sys.executable, "-X", "faulthandler", "-m", "pytest", "-p", "no:cacheprovider"],
             cwd=pytester.path,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -316,7 +317,12 @@ def test_nothing_is_left_running_after_ctrl_c(pytester: pytest.Pytester, run_tmp
         assert len([p for p in running if p.name() != "bwrap"]) >= 3
 
         run.send_signal(signal.SIGINT)
-        code = run.wait(RUN_TIMEOUT)
+        try:
+            code = run.wait(RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            run.send_signal(signal.SIGABRT)  # where it is stuck goes to the log
+            run.wait(60)
+            pytest.fail(f"the run did not end after Ctrl-C:\n{log.read_text()}")
     finally:
         if run.poll() is None:
             run.kill()
