@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import logging
 import os
 import stat
 import uuid
@@ -23,6 +24,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import FileAccessError, FileMissing, FileTooLarge
+
+logger = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO the kernel put in place of a file must not hang the server.
@@ -62,7 +65,7 @@ class SessionFiles:
         with self._folder(path, parts) as fd:
             entries = []
             with os.scandir(fd) as scan:
-                found = sorted(scan, key=lambda e: e.name)[: self.max_entries]
+                found = sorted(filter(_named, scan), key=lambda e: e.name)[: self.max_entries]
             for entry in found:
                 try:
                     info = entry.stat(follow_symlinks=False)
@@ -193,7 +196,7 @@ class SessionFiles:
     @staticmethod
     def _names(fd: int) -> builtins.list[str]:
         """The names in folder `fd`, in reverse order (popped from the end: sorted)."""
-        return sorted(os.listdir(fd), reverse=True)
+        return sorted(filter(_named, os.listdir(fd)), reverse=True)
 
     def open_file(self, path: str) -> tuple[int, os.stat_result]:
         """A descriptor of the regular file `path` (the caller closes it), and its stat."""
@@ -311,6 +314,18 @@ class SessionFiles:
             f"{path!r} is {size:,} bytes, over the {self.max_read_bytes:,}-byte read limit; "
             "read part of it with code in the kernel instead"
         )
+
+
+def _named(entry: str | os.DirEntry[str]) -> bool:
+    """Whether a folder entry's name is text: one that is not valid UTF-8 (bytes from an
+    archive, say) could not travel in JSON or a URL, so listings leave it out."""
+    name = entry if isinstance(entry, str) else entry.name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        logger.warning("a name that is not valid UTF-8 is left out of a listing: %r", name)
+        return False
+    return True
 
 
 def remove_folder(folder: Path) -> None:

@@ -200,6 +200,22 @@ async def test_kernel_death_is_reported_and_next_call_works(
         assert (await run(client, "6 * 7")).content[0].text == "42"
 
 
+async def test_a_name_that_is_not_utf8_is_left_out_of_listings(
+    serve_http: Callable[..., Any],
+) -> None:
+    # Archives made elsewhere carry such names (latin-1 here); the kernel can make them.
+    base = serve_http()
+    async with http_client(base, "latin") as client:
+        made = "open(b'caf\\xe9.txt', 'w').write('x'); open('plain.txt', 'w').write('p')"
+        await run(client, made)
+        listing = await client.call_tool("list_files", {})
+        assert [f["path"] for f in listing.structured_content["files"]] == ["plain.txt"]
+    async with httpx.AsyncClient(base_url=base) as http:
+        everything = await http.get("/sessions/latin/files")
+        assert everything.status_code == 200, everything.text
+        assert [f["path"] for f in everything.json()["files"]] == ["plain.txt"]
+
+
 async def test_files_are_confined_to_the_session_folder(serve_http: Callable[..., Any]) -> None:
     base = serve_http()
     async with http_client(base, "f1") as client:
