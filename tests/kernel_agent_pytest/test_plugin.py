@@ -305,6 +305,9 @@ def test_nothing_is_left_running_after_ctrl_c(pytester: pytest.Pytester, run_tmp
             cwd=pytester.path,
             stdout=out,
             stderr=subprocess.STDOUT,
+            # As from a terminal: a shell running us in the background ignores SIGINT, and
+            # Python keeps an inherited SIG_IGN (the run would never see the Ctrl-C).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
