@@ -11,6 +11,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -35,6 +36,8 @@ MOUNT_PATH = "/ui"
 # -- the page -------------------------------------------------------------------------------
 
 RUNNING = "Running… Stop interrupts the code it runs; the kernel keeps its variables."
+_STOP_WATCH = 60.0  # seconds Stop waits for the turn to end before it lets the page go
+_STOP_POLL = 0.5
 
 
 def _running(on: bool) -> tuple[Any, Any, Any]:
@@ -141,18 +144,37 @@ class _Handlers:
             return
         yield gr.skip(), chat_messages(record.get("events", [])), "", sid, *idle
 
-    async def stop(self, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
-        """Ask the service to stop the session's running turn; the stream then ends.
+    async def stop(self, sid: str, key: str, request: gr.Request) -> AsyncIterator[tuple[Any, ...]]:
+        """Ask the service to stop the session's running turn, then show the turn as saved
+        once it has ended (the page may not be streaming it: a session reopened mid-turn).
 
-        Only the button says so: this answer may come after the turn has ended.
+        Outputs: the chat, the status line, then the running line, Send and Stop.
         """
         if not sid:
-            return gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), *[gr.skip()] * 3
+            return
+        api = self.api(request, key)
         try:
-            await self.api(request, key).call("POST", f"/v1/sessions/{sid}/interrupt")
+            await api.call("POST", f"/v1/sessions/{sid}/interrupt")
         except ApiError as exc:
-            return gr.skip(), f"**Error:** {exc}"
-        return gr.Button("Stopping…", interactive=False), gr.skip()
+            yield gr.skip(), f"**Error:** {exc}", *[gr.skip()] * 3
+            return
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Button("Stopping…", interactive=False)
+        deadline = time.monotonic() + _STOP_WATCH
+        while True:
+            try:
+                record = (await api.call("GET", f"/v1/sessions/{sid}")).json()
+            except ApiError as exc:
+                yield gr.skip(), f"**Error:** {exc}", *_running(False)
+                return
+            if not record.get("busy"):
+                yield chat_messages(record.get("events", [])), "", *_running(False)
+                return
+            if time.monotonic() > deadline:
+                still = "The turn has not ended yet; reopen the session to see it."
+                yield gr.skip(), still, *_running(False)
+                return
+            await asyncio.sleep(_STOP_POLL)
 
     async def run_code(self, code: str, sid: str, key: str, request: gr.Request) -> tuple[Any, ...]:
         """Run the code box in the session's kernel, without the model."""
@@ -175,8 +197,9 @@ class _Handlers:
             record = (await self.api(request, key).call("GET", f"/v1/sessions/{chosen}")).json()
         except ApiError as exc:
             return gr.skip(), gr.skip(), f"**Error:** {exc}", "", *_running(False)
-        busy = "This session is running a turn right now." if record.get("busy") else ""
-        return chosen, chat_messages(record.get("events", [])), busy, "", *_running(False)
+        busy = bool(record.get("busy"))
+        note = "This session is running a turn right now: Stop interrupts it." if busy else ""
+        return chosen, chat_messages(record.get("events", [])), note, "", *_running(busy)
 
     async def new_session(self) -> tuple[Any, ...]:
         """A session exists from its first message or code run; until then it has no id."""
@@ -476,7 +499,7 @@ def build_ui(settings: Settings) -> gr.Blocks:
             **quick,
         )
         sent.then(**after)
-        stop.click(h.stop, [sid, key], [stop, status], **quick)
+        stop.click(h.stop, [sid, key], [chat, status, *turn_state], **quick)
         run.click(
             h.run_code, [code, sid, key], [code_output, status, sid], concurrency_limit=None
         ).then(**after)

@@ -87,6 +87,39 @@ async def test_stop_during_a_long_cell_keeps_the_kernel(stack: Stack, open_ui) -
     await ui.idle()
 
 
+async def test_a_session_reopened_mid_turn_can_be_stopped(stack: Stack, open_ui) -> None:
+    # The turn runs for another client (or a page since reloaded): nothing streams it here.
+    stack.llm.script(ToolCall("execute_code", {"code": LONG_CELL}))
+    stream = await stack.new_async_client().chat.completions.create(
+        model="kernel-agent",
+        messages=[{"role": "user", "content": "sleep elsewhere"}],
+        stream=True,
+        extra_headers={"X-Session-Id": "elsewhere"},
+    )
+    content = ""
+    async for chunk in stream:
+        content += "".join(c.delta.content or "" for c in chunk.choices)
+        if "sleeping now" in content:  # its output, not the code: the cell runs
+            break
+    ui = await open_ui(stack)
+    await ui.page.locator("#sessions input").click()
+    await ui.check(
+        "the running session is listed",
+        ui.page.get_by_role("option", name=re.compile("sleep elsewhere")).click(),
+    )
+    await ui.see("#status", "running a turn right now")
+    await ui.check(
+        "Stop is offered", expect(ui.page.locator("#stop")).to_be_visible(timeout=TIMEOUT_MS)
+    )
+    await ui.page.locator("#stop").click()
+    await ui.see("#chat", "Stopped: you stopped this turn.")  # the turn as saved, once ended
+    await ui.see("#chat", "KeyboardInterrupt")
+    await ui.idle()
+    async for _ in stream:  # the other client's stream ended with the turn
+        pass
+    await stream.close()
+
+
 async def test_a_plot_and_an_error_are_shown_once(stack: Stack, open_ui) -> None:
     gate = Gate()
     stack.llm.script(
