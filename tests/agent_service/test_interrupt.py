@@ -9,23 +9,13 @@ import pytest
 
 from agent_service.agent import STOPPED
 from kernel_agent_pytest.scripted_llm import Gate, Hold, Text, ToolCall
+from tests.support.streams import LONG_CELL, read_all, read_until
 
 from .conftest import Stack
 
 pytestmark = pytest.mark.kernel
 
 MODEL = "kernel-agent"
-LONG_CELL = "x = 41\nimport time\nprint('sleeping', 'now', flush=True)\ntime.sleep(600)"
-
-
-async def _until(stream, text: str) -> str:
-    """Read the stream's content until `text` has arrived; returns the content so far."""
-    content = ""
-    async for chunk in stream:
-        content += "".join(c.delta.content or "" for c in chunk.choices)
-        if text in content:
-            return content
-    raise AssertionError(f"the stream ended without {text!r}: {content}")
 
 
 async def test_stop_interrupts_the_cell_and_the_kernel_keeps_its_variables(stack: Stack) -> None:
@@ -37,13 +27,12 @@ async def test_stop_interrupts_the_cell_and_the_kernel_keeps_its_variables(stack
         stream=True,
         extra_headers={"X-Session-Id": "long"},
     )
-    content = await _until(stream, "sleeping now")  # its output, not the code: the cell runs
+    content = await read_until(stream, "sleeping now")
     async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         stopped = await http.post("/v1/sessions/long/interrupt")
         assert stopped.status_code == 200
         assert stopped.json() == {"id": "long", "object": "session", "interrupted": True}
-        async for chunk in stream:
-            content += "".join(c.delta.content or "" for c in chunk.choices)
+        content = await read_all(stream, content)
         assert "KeyboardInterrupt" in content
         assert "Stopped: you stopped this turn." in content
         assert len(stack.llm.requests) == 1  # the model was not asked to go on

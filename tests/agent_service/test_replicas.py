@@ -19,6 +19,7 @@ from openai import AsyncOpenAI
 
 from kernel_agent_pytest import Gate, Hold, ServerThread, Text, ToolCall
 from tests.kernel_mcp.conftest import wait_until_async
+from tests.support.streams import LONG_CELL, read_all, read_until
 
 from .conftest import Stack
 
@@ -291,8 +292,7 @@ async def test_stop_through_b_stops_the_turn_running_on_a(
     stack: Stack, replica_b: ServerThread
 ) -> None:
     # A load balancer sends the page's Stop to whichever replica it likes.
-    code = "x = 41\nimport time\nprint('sleeping', 'now', flush=True)\ntime.sleep(600)"
-    stack.llm.script(ToolCall("execute_code", {"code": code}))  # and no answer after it
+    stack.llm.script(ToolCall("execute_code", {"code": LONG_CELL}))  # and no answer after it
     client = stack.new_async_client(max_retries=0)
     stream = await client.chat.completions.create(
         model=MODEL,
@@ -300,16 +300,11 @@ async def test_stop_through_b_stops_the_turn_running_on_a(
         stream=True,
         extra_headers={"X-Session-Id": "stop-ab"},
     )
-    content = ""
-    async for chunk in stream:
-        content += "".join(c.delta.content or "" for c in chunk.choices)
-        if "sleeping now" in content:  # its output, not the code: the cell runs
-            break
+    content = await read_until(stream, "sleeping now")
     async with httpx.AsyncClient(base_url=replica_b.url, timeout=60) as http:
         stopped = await http.post("/v1/sessions/stop-ab/interrupt")
     assert stopped.json()["interrupted"] is True, "B reaches the turn A runs"
-    async for chunk in stream:
-        content += "".join(c.delta.content or "" for c in chunk.choices)
+    content = await read_all(stream, content)
     assert "KeyboardInterrupt" in content
     assert "Stopped: you stopped this turn." in content
     assert len(stack.llm.requests) == 1, "the model was not asked to go on"

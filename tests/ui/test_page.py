@@ -10,6 +10,7 @@ import pytest
 from playwright.async_api import expect
 
 from kernel_agent_pytest.scripted_llm import Gate, Hold, Text, ToolCall
+from tests.support.streams import LONG_CELL, read_all, read_until
 
 from .conftest import TIMEOUT_MS, Stack
 
@@ -20,7 +21,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning"),
 ]
 
-LONG_CELL = "x = 41\nimport time\nprint('sleeping', 'now', flush=True)\ntime.sleep(600)"
 PLOT = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()"
 
 
@@ -96,11 +96,7 @@ async def test_a_session_reopened_mid_turn_can_be_stopped(stack: Stack, open_ui)
         stream=True,
         extra_headers={"X-Session-Id": "elsewhere"},
     )
-    content = ""
-    async for chunk in stream:
-        content += "".join(c.delta.content or "" for c in chunk.choices)
-        if "sleeping now" in content:  # its output, not the code: the cell runs
-            break
+    await read_until(stream, "sleeping now")
     ui = await open_ui(stack)
     await ui.page.locator("#sessions input").click()
     await ui.check(
@@ -115,9 +111,7 @@ async def test_a_session_reopened_mid_turn_can_be_stopped(stack: Stack, open_ui)
     await ui.see("#chat", "Stopped: you stopped this turn.")  # the turn as saved, once ended
     await ui.see("#chat", "KeyboardInterrupt")
     await ui.idle()
-    async for _ in stream:  # the other client's stream ended with the turn
-        pass
-    await stream.close()
+    assert "Stopped: you stopped this turn." in await read_all(stream)  # the other client's
 
 
 async def test_a_plot_and_an_error_are_shown_once(stack: Stack, open_ui) -> None:
