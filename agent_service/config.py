@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     database_timeout: float = Field(
         default=10.0, gt=0, description="Seconds to connect to PostgreSQL or wait for a connection."
     )
+    database_statement_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds one transcript statement may take (waiting on a lock included); "
+        "past it the request fails with 503 database_unavailable instead of hanging.",
+    )
     replica_id: str | None = Field(
         default=None,
         max_length=200,

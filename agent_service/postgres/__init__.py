@@ -18,7 +18,12 @@ def open_postgres(settings: Settings, name: str) -> tuple[PostgresStore, Postgre
     url = settings.postgres_url
     assert url is not None
     upgrade(url, settings.database_timeout)
-    store = PostgresStore(url, settings.database_pool_size, settings.database_timeout)
+    store = PostgresStore(
+        url,
+        settings.database_pool_size,
+        settings.database_timeout,
+        settings.database_statement_timeout,
+    )
     try:
         replicas = PostgresReplicas(url, name, store, settings)
     except BaseException:

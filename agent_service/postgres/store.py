@@ -44,13 +44,27 @@ _WRITE_BATCH = 500
 class PostgresStore:
     """Sessions and their events in PostgreSQL (implements `TranscriptStore`)."""
 
-    def __init__(self, url: str, pool_size: int, timeout: float) -> None:
+    def __init__(
+        self, url: str, pool_size: int, timeout: float, statement_timeout: float = 30.0
+    ) -> None:
+        self._statement_timeout = statement_timeout
+        # Calls run on the event loop: a statement waiting on a lock, or a server gone
+        # silent, must fail in bounded time (statement_timeout, TCP keepalives), not hang.
+        connection = {
+            "row_factory": dict_row,
+            "connect_timeout": max(1, int(timeout)),
+            "options": f"-c statement_timeout={max(1, int(statement_timeout * 1000))}",
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
         self._pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] = ConnectionPool(
             url,
             connection_class=psycopg.Connection[dict[str, Any]],
             min_size=1,
             max_size=pool_size,
-            kwargs={"row_factory": dict_row, "connect_timeout": max(1, int(timeout))},
+            kwargs=connection,
             check=ConnectionPool.check_connection,
             timeout=timeout,
             name="transcripts",
@@ -67,6 +81,11 @@ class PostgresStore:
         try:
             with self._pool.connection() as db:
                 yield db
+        except psycopg.errors.QueryCanceled as exc:
+            raise DatabaseUnavailable(
+                f"the transcript database did not answer within {self._statement_timeout:g} s "
+                f"(AGENT_DATABASE_STATEMENT_TIMEOUT): {exc}"
+            ) from exc
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise DatabaseUnavailable(f"the transcript database is unreachable: {exc}") from exc
 

@@ -329,3 +329,25 @@ async def test_an_upload_through_b_during_a_turn_on_a_reaches_the_next_turn(
     await turn(stack.url, "rep-up", "anything new?")  # A again, with its kept history
     told = [m["content"] for m in stack.llm.requests[1]["messages"] if m["role"] == "user"]
     assert any("late.csv" in text for text in told), told
+
+
+async def test_a_turn_stuck_on_a_locked_session_row_answers_503_not_never(start_stack) -> None:
+    # Another replica's transaction hangs while it holds the session's row. The store's
+    # calls run on the event loop: they give up after AGENT_DATABASE_STATEMENT_TIMEOUT.
+    stack: Stack = start_stack(database_statement_timeout=1.0)
+    stack.llm.script(Text("First."), Text("Second."))
+    assert await turn(stack.url, "locked-1", "hello") == "First."
+    url = stack.agent_settings.postgres_url
+    assert url is not None
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        with psycopg.connect(url) as holder:
+            holder.execute("SELECT id FROM sessions WHERE id = 'locked-1' FOR UPDATE")
+            stuck = await post_turn(http, "locked-1", "again")
+            assert stuck.status_code == 503, stuck.text
+            error = stuck.json()["error"]
+            assert error["code"] == "database_unavailable"
+            assert "did not answer within 1 s" in error["message"]
+            assert (await http.get("/health")).status_code == 200, "the replica still answers"
+        answered = await post_turn(http, "locked-1", "once more")
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["choices"][0]["message"]["content"] == "Second."
