@@ -499,7 +499,8 @@ def build_ui(settings: Settings) -> gr.Blocks:
             **quick,
         )
         sent.then(**after)
-        stop.click(h.stop, [sid, key], [chat, status, *turn_state], **quick)
+        # Stop shows the stopped turn once it ends: switching sessions meanwhile cancels that.
+        stopped = stop.click(h.stop, [sid, key], [chat, status, *turn_state], **quick)
         run.click(
             h.run_code, [code, sid, key], [code_output, status, sid], concurrency_limit=None
         ).then(**after)
@@ -517,14 +518,14 @@ def build_ui(settings: Settings) -> gr.Blocks:
             h.open_session,
             [sessions, key],
             [sid, chat, status, attach_info, *turn_state],
-            cancels=[sent],
+            cancels=[sent, stopped],
             **quick,
         ).then(**after)
         new.click(
             h.new_session,
             None,
             [sid, chat, status, attach_info, code_output, *turn_state],
-            cancels=[sent],
+            cancels=[sent, stopped],
             **quick,
         ).then(**after)
         confirmed.click(
