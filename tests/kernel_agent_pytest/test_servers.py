@@ -53,8 +53,7 @@ def test_a_slow_shutdown_logs_the_tasks_it_waits_for(caplog: pytest.LogCaptureFi
     released = threading.Event()
 
     async def closing_the_pool() -> None:
-        while not released.is_set():  # released by the test, from its own thread
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(released.wait, 60)  # released by the test, once reported
 
     def closing() -> Awaitable[None]:
         return asyncio.create_task(closing_the_pool(), name="closing-the-pool")
